@@ -1,0 +1,1 @@
+"""srec: multimodal-LLM sequential recommendation. Plain logic, no Dagster imports."""

@@ -1,0 +1,50 @@
+"""DuckDB helpers shared by every step that writes or reads a table."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import duckdb
+
+from srec.tables import TABLES, create_table_sql
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection, names: Iterable[str] | None = None) -> None:
+    for name in names or TABLES:
+        con.execute(create_table_sql(name))
+
+
+def replace_partition(
+    con: duckdb.DuckDBPyConnection, table: str, category: str, select_sql: str, params: list | None = None
+) -> int:
+    """Replace ``category``'s rows of ``table`` with the rows ``select_sql`` yields, in one transaction.
+
+    ``select_sql`` must produce the table's columns by name (``category`` included).
+    Returns the number of rows written.
+    """
+    ensure_tables(con, [table])
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(f"DELETE FROM {table} WHERE category = ?", [category])
+        con.execute(f"INSERT INTO {table} BY NAME {select_sql}", params or [])
+        (n,) = con.execute(f"SELECT count(*) FROM {table} WHERE category = ?", [category]).fetchone()
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return int(n)
+
+
+def delete_partition(con: duckdb.DuckDBPyConnection, table: str, category: str) -> None:
+    ensure_tables(con, [table])
+    con.execute(f"DELETE FROM {table} WHERE category = ?", [category])
+
+
+def partition_content_hash(con: duckdb.DuckDBPyConnection, table: str, category: str) -> str:
+    """Order-independent content hash (a sum, so repeated rows still count) of a table's partition: the DataVersion of what was written."""
+    columns = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+    row = ", ".join(f'"{c}"' for c in columns)
+    (n, h) = con.execute(
+        f"SELECT count(*), coalesce(sum(hash(({row}))::HUGEINT), 0) FROM {table} WHERE category = ?", [category]
+    ).fetchone()
+    return hashlib.sha256(f"{table}:{n}:{h}".encode()).hexdigest()[:16]
