@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install srec with the CPU build of PyTorch. Idempotent: re-runs only
+# reinstall when pyproject.toml changed. Needs the package registry, nothing else.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=".venv/.srec-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: installing srec into $ROOT/.venv (first run takes a few minutes)"
+  # torch first, pinned to the CPU build: a later range that 2.13.0 satisfies adds nothing.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  echo "$want" > "$stamp"
+fi

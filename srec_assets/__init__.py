@@ -1,0 +1,1 @@
+"""The Dagster layer: assets, checks, partitions and Definitions. Logic lives in ``srec``."""

@@ -1,0 +1,76 @@
+"""metric_report: every model on the same candidates, by protocol, with bootstrap intervals; md + json + png."""
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+
+import dagster as dg
+import pandas as pd
+
+from resources import SrecStorage
+from srec.db import partition_content_hash, replace_partition
+from srec.report import compute_metric_rows, markdown_table, write_report
+from srec_assets.assets.baselines import baseline_scores
+from srec_assets.assets.sequences import eval_candidates, interactions
+from srec_assets.partitions import category_config, category_partitions
+
+REPORT_COLUMNS = ["category", "model", "split", "protocol", "metric", "value", "ci_low", "ci_high", "n_users"]
+
+
+class ReportConfig(dg.Config):
+    split: str = "test"
+    n_boot: int = 1000
+    seed: int = 0
+
+
+@dg.asset(
+    partitions_def=category_partitions,
+    group_name="report",
+    kinds={"duckdb", "markdown"},
+    code_version="1",
+    deps=[baseline_scores, eval_candidates, interactions],
+    description="Every model by protocol (1+20, 1+99, full ranking): mean and bootstrap 95% CI over users.",
+)
+def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, storage: SrecStorage) -> dg.MaterializeResult:
+    cfg = category_config(context)
+    with storage.connect() as con:
+        rows = compute_metric_rows(con, cfg.name, split=config.split, n_boot=config.n_boot, seed=config.seed)
+        if not rows:
+            raise dg.Failure(f"no model scores found for category '{cfg.name}': materialize baseline_scores first")
+        provenance = {
+            "category": cfg.name,
+            "source": f"{cfg.format}: {cfg.reviews.name}" + (f" + {cfg.items.name}" if cfg.items else ""),
+            "description": cfg.description,
+            "interactions_version": partition_content_hash(con, "interactions", cfg.name),
+            "eval_candidates_version": partition_content_hash(con, "eval_candidates", cfg.name),
+            "candidate_seed": cfg.seed,
+            "split": config.split,
+            "bootstrap": f"{config.n_boot} resamples of users, seed {config.seed}",
+            "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dagster_run_id": context.run_id,
+        }
+        paths = write_report(rows, storage.report_dir(cfg.name), category=cfg.name, provenance=provenance)
+        frame = pd.DataFrame(rows)[REPORT_COLUMNS]
+        con.register("report_rows", frame)
+        replace_partition(con, "metric_report", cfg.name, "SELECT * FROM report_rows")
+        con.unregister("report_rows")
+        version = partition_content_hash(con, "metric_report", cfg.name)
+
+    png = base64.b64encode(paths["png"].read_bytes()).decode()
+    tables = "\n\n".join(
+        f"**{protocol}**\n\n{markdown_table(rows, protocol)}"
+        for protocol in dict.fromkeys(r["protocol"] for r in rows)
+    )
+    context.log.info(f"metric report written to {paths['md']}")
+    return dg.MaterializeResult(
+        metadata={
+            "report_md": dg.MetadataValue.path(str(paths["md"])),
+            "report_json": dg.MetadataValue.path(str(paths["json"])),
+            "report_png": dg.MetadataValue.path(str(paths["png"])),
+            "metrics": dg.MetadataValue.md(tables),
+            "chart": dg.MetadataValue.md(f"![metric report](data:image/png;base64,{png})"),
+            "models": dg.MetadataValue.json(sorted({r["model"] for r in rows})),
+            "provenance": dg.MetadataValue.json(provenance),
+        },
+        data_version=dg.DataVersion(version),
+    )
