@@ -1,0 +1,55 @@
+import duckdb
+import pytest
+
+from srec.db import partition_content_hash, replace_partition
+
+
+def _con(tmp_path):
+    return duckdb.connect(str(tmp_path / "t.duckdb"))
+
+
+def _rows(con, category):
+    return con.execute(
+        "SELECT user_id, item_id FROM raw_reviews WHERE category = ? ORDER BY position", [category]
+    ).fetchall()
+
+
+SELECT = (
+    "SELECT ? AS category, u AS user_id, i AS item_id, NULL::DOUBLE AS rating, NULL::BIGINT AS timestamp, "
+    "p AS position, 'f' AS source_file, p + 1 AS source_line FROM (VALUES ('u1','a',0), ('u1','b',1)) t(u, i, p)"
+)
+
+
+def test_replace_partition_replaces_only_its_category(tmp_path):
+    con = _con(tmp_path)
+    assert replace_partition(con, "raw_reviews", "x", SELECT, ["x"]) == 2
+    assert replace_partition(con, "raw_reviews", "y", SELECT, ["y"]) == 2
+    assert replace_partition(con, "raw_reviews", "x", SELECT, ["x"]) == 2  # replaced, not appended
+    assert _rows(con, "x") == [("u1", "a"), ("u1", "b")] and len(_rows(con, "y")) == 2
+
+
+def test_replace_partition_rolls_back_on_error(tmp_path):
+    con = _con(tmp_path)
+    replace_partition(con, "raw_reviews", "x", SELECT, ["x"])
+    with pytest.raises(duckdb.Error):
+        replace_partition(con, "raw_reviews", "x", "SELECT 'x' AS category, NULL AS user_id")
+    assert len(_rows(con, "x")) == 2
+
+
+def test_content_hash_ignores_order_but_counts_repeats(tmp_path):
+    con = _con(tmp_path)
+    replace_partition(con, "raw_reviews", "x", SELECT, ["x"])
+    h1 = partition_content_hash(con, "raw_reviews", "x")
+    replace_partition(con, "raw_reviews", "y", SELECT + " ORDER BY p DESC", ["y"])
+    # Same rows (but another category) -> another hash; same category re-written in another order -> same hash.
+    replace_partition(con, "raw_reviews", "x", SELECT + " ORDER BY p DESC", ["x"])
+    assert partition_content_hash(con, "raw_reviews", "x") == h1
+    con.execute("INSERT INTO raw_reviews SELECT * FROM raw_reviews WHERE category = 'x' LIMIT 1")
+    assert partition_content_hash(con, "raw_reviews", "x") != h1
+
+
+def test_storage_resource_creates_tables_and_folders(storage):
+    with storage.connect() as con:
+        tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
+    assert {"raw_reviews", "interactions", "eval_candidates", "metric_report"} <= tables
+    assert storage.report_dir("beauty").is_dir()
