@@ -3,7 +3,6 @@
 A failed check stops everything downstream of its asset in the same run; its metadata
 shows the failure cases, so the UI says what was wrong and where.
 """
-from __future__ import annotations
 
 from collections.abc import Callable
 

@@ -9,7 +9,6 @@ from srec_assets.assets.ingest import raw_items, raw_reviews
 from srec_assets.assets.report import metric_report
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.checks import ALL_CHECKS
-from srec_assets.partitions import category_partitions
 
 ALL_ASSETS = [raw_reviews, raw_items, interactions, eval_candidates, baseline_scores, metric_report]
 
@@ -17,7 +16,6 @@ ALL_ASSETS = [raw_reviews, raw_items, interactions, eval_candidates, baseline_sc
 full_graph_job = dg.define_asset_job(
     name="full_graph",
     selection=dg.AssetSelection.assets(*ALL_ASSETS),
-    partitions_def=category_partitions,
     description="Ingest -> interactions -> candidates -> baselines -> metric report for one category.",
 )
 

@@ -1,5 +1,4 @@
 """Categories are partitions: one per entry of data/categories.yaml (plus SREC_CATEGORIES_EXTRA files)."""
-from __future__ import annotations
 
 import dagster as dg
 

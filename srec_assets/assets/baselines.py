@@ -1,5 +1,4 @@
 """baseline_scores: popularity, SASRec and GRU4Rec scored on the stored candidates and by full ranking."""
-from __future__ import annotations
 
 import dagster as dg
 import pandas as pd

@@ -1,5 +1,4 @@
 """raw_reviews, raw_items: one reader per source format; bad rows quarantined with file, line and reason."""
-from __future__ import annotations
 
 import dagster as dg
 

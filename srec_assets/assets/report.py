@@ -1,5 +1,4 @@
 """metric_report: every model on the same candidates, by protocol, with bootstrap intervals; md + json + png."""
-from __future__ import annotations
 
 import base64
 from datetime import datetime, timezone

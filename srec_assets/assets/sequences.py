@@ -1,5 +1,4 @@
 """interactions (labels, k-core, leave-one-out split) and eval_candidates (seeded, stored, shared by every model)."""
-from __future__ import annotations
 
 from dataclasses import asdict
 
