@@ -40,9 +40,9 @@ def materialize(categories: list[str]) -> int:
             result = job.execute_in_process(partition_key=category, instance=instance, raise_on_error=False)
             elapsed = time.monotonic() - started
             failed_checks = [
-                e.asset_check_evaluation_data.check_name
+                e.event_specific_data.check_name
                 for e in result.all_events
-                if e.is_asset_check_evaluation and not e.asset_check_evaluation_data.passed
+                if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION and not e.event_specific_data.passed
             ]
             if not result.success:
                 print(f"[{category}] run {result.run_id} FAILED after {elapsed:.0f}s", file=sys.stderr)

@@ -19,15 +19,15 @@ FAST_BASELINES = {"ops": {"baseline_scores": {"config": {"max_epochs": 3, "patie
 
 def _check_results(result) -> dict[str, bool]:
     return {
-        e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data.passed
+        e.event_specific_data.check_name: e.event_specific_data.passed
         for e in result.all_events
-        if e.is_asset_check_evaluation
+        if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
     }
 
 
 @pytest.mark.slow
 def test_whole_graph_on_the_sample(storage, tmp_path):
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+    with dg.instance_for_test() as instance:
         result = dg.materialize(
             ALL_ASSETS + ALL_CHECKS,
             partition_key="beauty",
@@ -84,7 +84,7 @@ def test_failed_blocking_check_stops_downstream(storage, tmp_path, monkeypatch):
         return stats
 
     monkeypatch.setattr(seq_assets, "build_interactions", leaky_build)
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+    with dg.instance_for_test() as instance:
         result = dg.materialize(
             [raw_reviews, raw_items, interactions, eval_candidates, baseline_scores, metric_report] + ALL_CHECKS,
             partition_key="beauty",
