@@ -9,6 +9,15 @@ import duckdb
 from srec.tables import TABLES, create_table_sql
 
 
+def scalar_row(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple:
+    """The single row of ``sql``, fetched to the end: DuckDB 2.0 keeps a result open after
+    ``fetchone()`` and then refuses ``register``/``sql`` on the same connection."""
+    rows = con.execute(sql, params or []).fetchall()
+    if len(rows) != 1:
+        raise ValueError(f"expected one row from {sql!r}, got {len(rows)}")
+    return rows[0]
+
+
 def ensure_tables(con: duckdb.DuckDBPyConnection, names: Iterable[str] | None = None) -> None:
     for name in names or TABLES:
         con.execute(create_table_sql(name))
@@ -27,7 +36,7 @@ def replace_partition(
     try:
         con.execute(f"DELETE FROM {table} WHERE category = ?", [category])
         con.execute(f"INSERT INTO {table} BY NAME {select_sql}", params or [])
-        (n,) = con.execute(f"SELECT count(*) FROM {table} WHERE category = ?", [category]).fetchone()
+        (n,) = scalar_row(con, f"SELECT count(*) FROM {table} WHERE category = ?", [category])
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -44,7 +53,7 @@ def partition_content_hash(con: duckdb.DuckDBPyConnection, table: str, category:
     """Order-independent content hash (a sum, so repeated rows still count) of a table's partition: the DataVersion of what was written."""
     columns = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
     row = ", ".join(f'"{c}"' for c in columns)
-    (n, h) = con.execute(
-        f"SELECT count(*), coalesce(sum(hash(({row}))::HUGEINT), 0) FROM {table} WHERE category = ?", [category]
-    ).fetchone()
+    (n, h) = scalar_row(
+        con, f"SELECT count(*), coalesce(sum(hash(({row}))::HUGEINT), 0) FROM {table} WHERE category = ?", [category]
+    )
     return hashlib.sha256(f"{table}:{n}:{h}".encode()).hexdigest()[:16]

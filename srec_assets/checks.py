@@ -11,6 +11,7 @@ import pandas as pd
 
 from resources import SrecStorage
 from srec import invariants
+from srec.db import scalar_row
 from srec.schemas import validate_partition
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.ingest import raw_items, raw_reviews
@@ -26,7 +27,7 @@ def _md(frame: pd.DataFrame, limit: int = 20) -> dg.MetadataValue:
 
 
 def _count(con, table: str, category: str) -> int:
-    return con.execute(f"SELECT count(*) FROM {table} WHERE category = ?", [category]).fetchone()[0]
+    return scalar_row(con, f"SELECT count(*) FROM {table} WHERE category = ?", [category])[0]
 
 
 def schema_check(

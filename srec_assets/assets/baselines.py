@@ -35,7 +35,7 @@ def baseline_scores(
     context: dg.AssetExecutionContext, config: BaselineConfig, storage: SrecStorage
 ) -> dg.MaterializeResult:
     cfg = category_config(context)
-    overrides = {k: v for k, v in config.model_dump().items() if v is not None}
+    overrides = {k: v for k, v in config.model_dump().items() if v is not None and k != "models"}
     settings = BaselineSettings(
         **overrides, models=tuple(config.models), max_len=cfg.filtering.max_history, seed=cfg.seed
     )
