@@ -48,6 +48,9 @@ class CategoryConfig:
     filtering: FilterSettings = field(default_factory=FilterSettings)
     seed: int = 2024                   # candidate sampling and model training
     description: str = ""
+    # Per-category hyper-parameters of the classic baselines (fields of srec.baselines.BaselineSettings);
+    # run config given at materialization overrides them.
+    baselines: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -82,7 +85,11 @@ def _parse_category(name: str, raw: dict, base: Path, source: Path) -> CategoryC
         path = Path(os.path.expandvars(str(p))).expanduser()
         return path if path.is_absolute() else (base / path).resolve()
 
+    baselines = raw.get("baselines") or {}
+    if not isinstance(baselines, dict):
+        raise ConfigError(f"{where}: 'baselines' must be a mapping of BaselineSettings fields")
     return CategoryConfig(
+        baselines=dict(baselines),
         name=name,
         format=fmt,
         reviews=resolve(raw["reviews"]),

@@ -5,8 +5,10 @@ import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The shipped category config; SREC_CATEGORIES points elsewhere, SREC_CATEGORIES_EXTRA adds files.
+CATEGORIES_FILE = PROJECT_ROOT / "data" / "categories.yaml"
+# Where runs write (database, reports, Dagster home); SREC_DATA_DIR moves it, e.g. for benchmarks.
 DATA_DIR = Path(os.environ.get("SREC_DATA_DIR", PROJECT_ROOT / "data"))
-CATEGORIES_FILE = DATA_DIR / "categories.yaml"
 DEFAULT_DATABASE = DATA_DIR / "srec.duckdb"
 REPORTS_DIR = DATA_DIR / "reports"
 SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"

@@ -11,13 +11,24 @@ from srec_assets.partitions import category_config, category_partitions
 
 
 class BaselineConfig(dg.Config):
-    """Run-config overrides; unset fields keep srec.baselines.BaselineSettings defaults."""
+    """Run-config overrides. Unset fields keep the category's `baselines:` settings from
+    data/categories.yaml, then srec.baselines.BaselineSettings defaults."""
 
-    models: list[str] = ["popularity", "sasrec", "gru4rec"]
-    loss: str = "ce"  # 'ce' (cross-entropy over all items) or 'bce' (SASRec's original sampled loss)
+    models: list[str] | None = None  # default: popularity, sasrec, gru4rec
+    loss: str | None = None  # 'ce' (cross-entropy over all items) or 'bce' (SASRec's original sampled loss)
     max_epochs: int | None = None
     patience: int | None = None
-    device: str = "auto"
+    batch_size: int | None = None
+    device: str | None = None  # 'auto' | 'cpu' | 'cuda'
+
+
+def baseline_settings(category_settings: dict, overrides: dict, *, max_len: int, seed: int) -> BaselineSettings:
+    """Defaults < category config < run config. max_len and seed come from the category."""
+    merged = {"max_len": max_len, "seed": seed, **category_settings}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    if "models" in merged:
+        merged["models"] = tuple(merged["models"])
+    return BaselineSettings(**merged)
 
 
 @dg.asset(
@@ -35,9 +46,8 @@ def baseline_scores(
     context: dg.AssetExecutionContext, config: BaselineConfig, storage: SrecStorage
 ) -> dg.MaterializeResult:
     cfg = category_config(context)
-    overrides = {k: v for k, v in config.model_dump().items() if v is not None and k != "models"}
-    settings = BaselineSettings(
-        **overrides, models=tuple(config.models), max_len=cfg.filtering.max_history, seed=cfg.seed
+    settings = baseline_settings(
+        cfg.baselines, config.model_dump(), max_len=cfg.filtering.max_history, seed=cfg.seed
     )
     with storage.connect() as con:
         summaries = run_baselines(con, cfg.name, settings, log=context.log.info)
@@ -48,7 +58,7 @@ def baseline_scores(
     shown = [c for c in ("model", "epochs_run", "best_epoch", "best_valid_ndcg10", "train_seconds", "device") if c in runs]
     return dg.MaterializeResult(
         metadata={
-            "models": dg.MetadataValue.json(list(config.models)),
+            "models": dg.MetadataValue.json(list(settings.models)),
             "training": dg.MetadataValue.md(runs[shown].to_markdown(index=False)),
             "settings": dg.MetadataValue.json(summaries[0].get("settings", {}) if summaries else {}),
         },

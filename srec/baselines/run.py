@@ -1,0 +1,185 @@
+"""Train every baseline of a category, score both splits, write baseline_scores / _full_ranking / _runs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable
+
+import duckdb
+import numpy as np
+import pandas as pd
+import torch
+
+from srec.baselines.data import SPLITS, SplitData, load_candidates, load_split_data
+from srec.baselines.evaluate import SplitResult, evaluate_split, valid_ndcg
+from srec.baselines.models import Popularity
+from srec.baselines.train import BaselineSettings, build_model, fit, seed_everything
+from srec.db import ensure_tables
+from srec.tables import PROTOCOLS_SAMPLED
+
+OUTPUT_TABLES = ("baseline_scores", "baseline_full_ranking", "baseline_runs")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_scorer(model: torch.nn.Module, data: SplitData, max_len: int, device) -> Callable:
+    """scorer(split, rows) for a sequence model: its scores after the last ``max_len`` history items."""
+    inputs = {split: torch.as_tensor(data.history_matrix(split, max_len)) for split in SPLITS}
+    lengths = {split: (m != 0).sum(1) for split, m in inputs.items()}
+
+    def score(split: str, rows: np.ndarray) -> torch.Tensor:
+        width = max(int(lengths[split][rows].max()), 1)
+        return model.score_all(inputs[split][rows][:, -width:].to(device))
+
+    return score
+
+
+def popularity_scorer(pop: Popularity, device) -> Callable:
+    pop.counts = {split: c.to(device) for split, c in pop.counts.items()}
+    return lambda split, rows: pop.score_all(split, len(rows))
+
+
+def run_baselines(
+    con: duckdb.DuckDBPyConnection,
+    category: str,
+    settings: BaselineSettings | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Train ``settings.models`` on ``category``, score valid and test on every stored protocol and by full
+    ranking, and replace the category's rows of baseline_scores, baseline_full_ranking and baseline_runs.
+
+    Returns one summary per model: model, epochs_run, best_epoch, best_valid_ndcg10, train_seconds, device,
+    n_users, settings, ``history`` ([(epoch, mean train loss, valid NDCG@10 or nan)]) and ``quick``
+    (tie-aware expected HR@10 / NDCG@10 per split and protocol, for logs; the reported metrics come from
+    the metrics module reading the tables).
+    """
+    s = settings or BaselineSettings()
+    log = log or (lambda _msg: None)
+    device = s.resolved_device()
+    data = load_split_data(con, category)
+    candidates = {
+        split: {p: load_candidates(con, category, split, p, data) for p in PROTOCOLS_SAMPLED} for split in SPLITS
+    }
+    for split in SPLITS:
+        for p, (users, _) in candidates[split].items():
+            if not len(users):
+                log(f"{category}: no stored {split} candidates for protocol {p}; only full ranking for that one")
+    log(f"{category}: {data.n_users} users, {data.n_items} items, device {device}")
+
+    results: dict[str, dict[str, SplitResult]] = {}
+    summaries = []
+    with _torch_threads(s.torch_threads):
+        for name in s.models:
+            seed_everything(s.seed)
+            t0 = time.perf_counter()
+            if name == "popularity":
+                scorer = popularity_scorer(Popularity(data.n_items, data.train, data.valid_target), device)
+                best = valid_ndcg(scorer, data, batch_users=s.eval_batch_users, device=device)
+                fitted = dict(epochs_run=0, best_epoch=0, best_valid_ndcg10=best,
+                              train_seconds=time.perf_counter() - t0, history=[])
+            else:
+                model = build_model(name, data.n_items, s)
+                scorer = model_scorer(model, data, s.max_len, device)
+
+                def valid_fn(_model, name=name, scorer=scorer) -> float:
+                    quick = evaluate_split(scorer, data, "valid", candidates["valid"], s.eval_batch_users,
+                                           device).quick(10)
+                    log(f"{name} valid: " + ", ".join(
+                        f"{p} hr@10 {q['hr@10']:.4f} ndcg@10 {q['ndcg@10']:.4f}" for p, q in quick.items()))
+                    return quick["full_ranking"]["ndcg@10"]
+
+                fr = fit(model, data, s, valid_fn, device, log, name)
+                fitted = dict(epochs_run=fr.epochs_run, best_epoch=fr.best_epoch,
+                              best_valid_ndcg10=fr.best_valid_ndcg10, train_seconds=fr.train_seconds,
+                              history=fr.history)
+            results[name] = {
+                split: evaluate_split(scorer, data, split, candidates[split], s.eval_batch_users, device)
+                for split in SPLITS
+            }
+            summary = dict(model=name, **fitted, device=str(device), n_users=data.n_users,
+                           settings=s.model_settings(name),
+                           quick={split: r.quick(10) for split, r in results[name].items()})
+            log(f"{category} {name}: {json.dumps(summary['quick'])}")
+            summaries.append(summary)
+    write_results(con, category, data, candidates, results, summaries)
+    return summaries
+
+
+def write_results(con, category: str, data: SplitData, candidates, results, summaries) -> dict[str, int]:
+    """Replace the category's rows of the three output tables in one transaction. Returns rows per table."""
+    ensure_tables(con, OUTPUT_TABLES)
+    users = pd.DataFrame({"user_row": np.arange(data.n_users, dtype=np.int64), "user_id": data.user_ids.astype(str)})
+    items = pd.DataFrame({"item_idx": np.arange(data.n_items + 1, dtype=np.int64), "item_id": data.item_ids.astype(str)})
+    runs = pd.DataFrame({
+        "category": category,
+        "model": [r["model"] for r in summaries],
+        "settings": [json.dumps(r["settings"], sort_keys=True) for r in summaries],
+        "epochs_run": [int(r["epochs_run"]) for r in summaries],
+        "best_epoch": [int(r["best_epoch"]) for r in summaries],
+        "best_valid_ndcg10": [float(r["best_valid_ndcg10"]) for r in summaries],
+        "train_seconds": [float(r["train_seconds"]) for r in summaries],
+        "device": [r["device"] for r in summaries],
+    })
+    con.register("_bl_users", users)
+    con.register("_bl_items", items)
+    con.register("_bl_runs", runs)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for table in OUTPUT_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE category = ?", [category])
+        con.execute("INSERT INTO baseline_runs BY NAME SELECT * FROM _bl_runs")
+        for model, per_split in results.items():
+            for split, r in per_split.items():
+                full = pd.DataFrame({
+                    "user_row": np.arange(data.n_users, dtype=np.int64),
+                    "item_idx": data.target(split),
+                    "n_greater": r.n_greater, "n_ties": r.n_ties, "n_negatives": r.n_negatives,
+                })
+                con.register("_bl_frame", full)
+                con.execute(
+                    """INSERT INTO baseline_full_ranking BY NAME
+                       SELECT ? AS category, ? AS model, ? AS split, u.user_id, i.item_id,
+                              f.n_greater, f.n_ties, f.n_negatives
+                       FROM _bl_frame f JOIN _bl_users u USING (user_row) JOIN _bl_items i USING (item_idx)""",
+                    [category, model, split],
+                )
+                for protocol, scores in r.candidate_scores.items():
+                    user_rows, cand_items = candidates[split][protocol]
+                    n, width = cand_items.shape
+                    frame = pd.DataFrame({
+                        "user_row": np.repeat(user_rows, width),
+                        "slot": np.tile(np.arange(width, dtype=np.int32), n),
+                        "item_idx": cand_items.reshape(-1),
+                        "score": scores.reshape(-1),
+                    })
+                    con.register("_bl_frame", frame)
+                    con.execute(
+                        """INSERT INTO baseline_scores BY NAME
+                           SELECT ? AS category, ? AS model, ? AS split, ? AS protocol, u.user_id, f.slot,
+                                  i.item_id, f.score
+                           FROM _bl_frame f JOIN _bl_users u USING (user_row) JOIN _bl_items i USING (item_idx)""",
+                        [category, model, split, protocol],
+                    )
+        counts = {
+            t: int(con.execute(f"SELECT count(*) FROM {t} WHERE category = ?", [category]).fetchone()[0])
+            for t in OUTPUT_TABLES
+        }
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        for view in ("_bl_users", "_bl_items", "_bl_runs", "_bl_frame"):
+            with contextlib.suppress(Exception):
+                con.unregister(view)
+    return counts
