@@ -13,7 +13,7 @@ from srec.baselines import BaselineSettings, Popularity, fit, full_ranking_count
 from srec.baselines import run_baselines
 from srec.baselines.data import left_pad
 from srec.baselines.evaluate import _rank_metrics_quick, evaluate_split
-from srec.baselines.loo_tables import read_p5_sequences, write_loo_tables
+from tests.loo_tables import read_p5_sequences, write_loo_tables
 from srec.baselines.run import popularity_scorer
 from srec.baselines.train import build_model, sequence_loss
 

@@ -1,4 +1,4 @@
-"""Stand-alone ``interactions`` + ``eval_candidates`` rows from plain chronological sequences.
+"""Test fixture: ``interactions`` + ``eval_candidates`` rows from plain chronological sequences.
 
 For tests and benchmarks that need the baselines' inputs without the ingest pipeline. Same rules as
 the project's protocol: all items positive, leave-one-out (last item test, second last valid, the
