@@ -12,7 +12,7 @@ import torch
 from srec.baselines import BaselineSettings, Popularity, fit, full_ranking_counts, load_candidates, load_split_data
 from srec.baselines import run_baselines
 from srec.baselines.data import left_pad
-from srec.baselines.evaluate import _rank_metrics_quick, evaluate_split
+from srec.baselines.evaluate import _hr_ndcg, evaluate_split
 from tests.loo_tables import read_p5_sequences, write_loo_tables
 from srec.baselines.run import popularity_scorer
 from srec.baselines.train import build_model, sequence_loss
@@ -103,8 +103,8 @@ def test_history_items_are_excluded():
     assert neg.tolist() == [n_items - 3 - 1, n_items - 1]
 
 
-def test_rank_metrics_quick():
-    hr, ndcg = _rank_metrics_quick(np.array([0, 9, 10, 0, 8]), np.array([0, 0, 0, 1, 3]), 10)
+def test_hr_ndcg():
+    hr, ndcg = _hr_ndcg(np.array([0, 9, 10, 0, 8]), np.array([0, 0, 0, 1, 3]), 10)
     np.testing.assert_allclose(hr, [1, 1, 0, 1, 0.5])
     np.testing.assert_allclose(ndcg, [1, 1 / np.log2(11), 0, (1 + 1 / np.log2(3)) / 2,
                                       (1 / np.log2(10) + 1 / np.log2(11)) / 4])

@@ -2,7 +2,7 @@
 
 Everything works on a batch of users at once with torch ops; there is no per-user Python loop.
 The official metrics (with bootstrap intervals) are computed elsewhere from the tables these
-results are written to; ``_rank_metrics_quick`` is only for early stopping and logs.
+results are written to; ``_hr_ndcg`` is only for early stopping and logs.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from srec.baselines.data import SplitData
+from srec.metrics.core import per_user_metrics
 
 # scorer(split, user_rows) -> [B, n_items + 1] scores for the users at those rows, for that split's target
 Scorer = Callable[[str, np.ndarray], torch.Tensor]
@@ -54,18 +55,11 @@ def sampled_counts(candidate_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return (candidate_scores[:, 1:] > pos).sum(1), (candidate_scores[:, 1:] == pos).sum(1)
 
 
-def _rank_metrics_quick(n_greater, n_ties, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Expected HR@k and NDCG@k per user under random tie-breaking.
-
-    The rank is uniform over [n_greater + 1, n_greater + n_ties + 1].
-    """
-    g = np.asarray(n_greater, dtype=np.int64)
-    t = np.asarray(n_ties, dtype=np.int64)
-    gain = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])  # gain[r] = sum_{j<=r} 1/log2(j+1)
-    lo, hi = np.minimum(g, k), np.minimum(g + t + 1, k)
-    hr = (hi - lo) / (t + 1)
-    ndcg = (gain[hi] - gain[lo]) / (t + 1)
-    return hr, ndcg
+def _hr_ndcg(n_greater, n_ties, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Expected HR@k and NDCG@k per user under random tie-breaking (srec.metrics.core)."""
+    g, t = np.asarray(n_greater), np.asarray(n_ties)
+    m = per_user_metrics(g, t, g + t + 1, (f"HR@{k}", f"NDCG@{k}"))  # n_negatives only matters for AUC
+    return m[f"HR@{k}"], m[f"NDCG@{k}"]
 
 
 @dataclass
@@ -79,10 +73,10 @@ class SplitResult:
 
     def quick(self, k: int = 10) -> dict[str, dict[str, float]]:
         out = {}
-        hr, ndcg = _rank_metrics_quick(self.n_greater, self.n_ties, k)
+        hr, ndcg = _hr_ndcg(self.n_greater, self.n_ties, k)
         out["full_ranking"] = {f"hr@{k}": float(hr.mean()), f"ndcg@{k}": float(ndcg.mean())}
         for protocol, s in self.candidate_scores.items():
-            hr, ndcg = _rank_metrics_quick(*sampled_counts(s), k)
+            hr, ndcg = _hr_ndcg(*sampled_counts(s), k)
             out[protocol] = {f"hr@{k}": float(hr.mean()), f"ndcg@{k}": float(ndcg.mean())}
         return out
 
@@ -129,4 +123,4 @@ def evaluate_split(
 def valid_ndcg(scorer: Scorer, data: SplitData, k: int = 10, batch_users: int = 256, device="cpu") -> float:
     """Full-ranking NDCG@k on the valid targets (early stopping)."""
     r = evaluate_split(scorer, data, "valid", None, batch_users, device)
-    return float(_rank_metrics_quick(r.n_greater, r.n_ties, k)[1].mean())
+    return float(_hr_ndcg(r.n_greater, r.n_ties, k)[1].mean())
