@@ -46,7 +46,7 @@ def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, stora
             "split": config.split,
             "bootstrap": f"{config.n_boot} resamples of users, seed {config.seed}",
             "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dagster_run_id": context.run_id,
+            "dagster_run_id": context.run.run_id,
         }
         paths = write_report(rows, storage.report_dir(cfg.name), category=cfg.name, provenance=provenance)
         frame = pd.DataFrame(rows)[REPORT_COLUMNS]
