@@ -38,6 +38,7 @@ from srec.config import load_categories  # noqa: E402
 from srec.ingest import ingest_items, ingest_reviews  # noqa: E402
 from srec.metrics.core import per_user_metrics  # noqa: E402
 from srec.sequences import build_interactions  # noqa: E402
+from machine_info import cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 CATEGORY = "beauty_full"
 CATEGORIES_FULL = ROOT / "bench" / "categories_full.yaml"
@@ -126,14 +127,7 @@ def popularity_cross_checks(con, category: str) -> dict:
 
 
 def machine(threads: int | None = None) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "platform": platform.platform()}

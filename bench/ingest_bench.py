@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine_info import cpu_model  # bench/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results"
@@ -369,14 +371,7 @@ def run_child(kind: str, data: Path, seed: int, address_space_limit: int | None 
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

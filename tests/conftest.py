@@ -25,3 +25,13 @@ def storage(tmp_path: Path):
         reports_dir=str(tmp_path / "reports"),
         temp_directory=str(tmp_path / "duckdb_tmp"),
     )
+
+
+@pytest.fixture
+def con(tmp_path: Path):
+    """A fresh DuckDB file per test (modules may define their own ``con``, which wins)."""
+    import duckdb
+
+    c = duckdb.connect(str(tmp_path / "t.duckdb"))
+    yield c
+    c.close()

@@ -16,23 +16,17 @@ from pathlib import Path
 import duckdb
 import pytest
 
+
 from srec.config import CategoryConfig, FilterSettings
 from srec.ingest import QUARANTINE_REASONS, IngestStats, ingest_items, ingest_reviews
 from srec.tables import TABLES
+from tests.ingest_support import cfg
 
 FIX = Path(__file__).parent / "fixtures" / "ingest"
 
 
-def cfg(name: str, fmt: str, reviews: Path, items: Path | None = None, **filtering) -> CategoryConfig:
-    return CategoryConfig(name=name, format=fmt, reviews=Path(reviews), items=Path(items) if items else None,
-                          filtering=FilterSettings(**filtering))
 
 
-@pytest.fixture
-def con(tmp_path: Path):
-    c = duckdb.connect(str(tmp_path / "t.duckdb"))
-    yield c
-    c.close()
 
 
 def p5_lines() -> list[list[str]]:

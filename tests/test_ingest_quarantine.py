@@ -14,9 +14,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
+
 import srec.ingest.source as source
 from srec.config import CategoryConfig, FilterSettings
 from srec.ingest import IngestError, IngestStats, ingest_items, ingest_reviews
+from tests.ingest_support import cfg
 
 FIX = Path(__file__).parent / "fixtures" / "ingest"
 U, U2 = "A1YJEY40YUW4SE", "A60XNB876KYML"
@@ -24,16 +26,8 @@ I, I2, I3 = "B004756YJA", "B004ZT0SSG", "B0020YLEYK"
 T = 1_300_003_600
 
 
-def cfg(name, fmt, reviews, items=None, **filtering) -> CategoryConfig:
-    return CategoryConfig(name=name, format=fmt, reviews=Path(reviews), items=Path(items) if items else None,
-                          filtering=FilterSettings(**filtering))
 
 
-@pytest.fixture
-def con(tmp_path: Path):
-    c = duckdb.connect(str(tmp_path / "t.duckdb"))
-    yield c
-    c.close()
 
 
 def rev(drop=(), **kw) -> bytes:

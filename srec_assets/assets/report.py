@@ -8,13 +8,10 @@ import pandas as pd
 
 from resources import SrecStorage
 from srec.db import partition_content_hash, replace_partition
-from srec.report import compute_metric_rows, markdown_table, write_report
+from srec.report import REPORT_COLUMNS, compute_metric_rows, markdown_table, write_report
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.partitions import category_config, category_partitions
-
-REPORT_COLUMNS = ["category", "model", "split", "protocol", "metric", "value", "ci_low", "ci_high", "n_users"]
-
 
 class ReportConfig(dg.Config):
     split: str = "test"
@@ -49,7 +46,7 @@ def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, stora
             "dagster_run_id": context.run.run_id,
         }
         paths = write_report(rows, storage.report_dir(cfg.name), category=cfg.name, provenance=provenance)
-        frame = pd.DataFrame(rows)[REPORT_COLUMNS]
+        frame = pd.DataFrame(rows)[list(REPORT_COLUMNS)]
         con.register("report_rows", frame)
         replace_partition(con, "metric_report", cfg.name, "SELECT * FROM report_rows")
         con.unregister("report_rows")
