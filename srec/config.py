@@ -51,6 +51,8 @@ class CategoryConfig:
     # Per-category hyper-parameters of the classic baselines (fields of srec.baselines.BaselineSettings);
     # run config given at materialization overrides them.
     baselines: dict = field(default_factory=dict)
+    # Image handling (fields of srec.images.ImageSettings): sizes, download limits, placeholders.
+    images: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -88,8 +90,12 @@ def _parse_category(name: str, raw: dict, base: Path, source: Path) -> CategoryC
     baselines = raw.get("baselines") or {}
     if not isinstance(baselines, dict):
         raise ConfigError(f"{where}: 'baselines' must be a mapping of BaselineSettings fields")
+    images = raw.get("images") or {}
+    if not isinstance(images, dict):
+        raise ConfigError(f"{where}: 'images' must be a mapping of ImageSettings fields")
     return CategoryConfig(
         baselines=dict(baselines),
+        images=dict(images),
         name=name,
         format=fmt,
         reviews=resolve(raw["reviews"]),

@@ -54,7 +54,16 @@ UNIQUE_KEYS: dict[str, list[tuple[tuple[str, ...], str]]] = {
     "baseline_full_ranking": [(("model", "split", "user_id"), "")],
     "baseline_runs": [(("model",), "")],
     "metric_report": [(("model", "split", "protocol", "metric"), "")],
+    "item_images": [(("item_id",), "")],
+    "item_captions": [(("item_id",), "")],
+    "caption_cache": [(("cache_key",), "")],
+    "user_preferences": [(("user_id", "split", "mode"), "")],
+    "preference_cache": [(("cache_key",), "")],
 }
+IMAGE_STATUSES = ("ok", "missing", "invalid")
+IMAGE_SOURCES = ("path", "url", "placeholder", "none")
+CAPTION_MODALITIES = ("image+text", "text")
+PREFERENCE_MODES = ("recurrent", "direct")
 
 
 def quarantine_reasons() -> tuple[str, ...]:
@@ -244,6 +253,38 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
             "protocol": [pa.Check.isin([*PROTOCOLS_SAMPLED, FULL_RANKING])], "metric": [_non_empty_str()],
             "value": unit, "ci_low": unit, "ci_high": unit, "n_users": [pa.Check.ge(1)],
         },
+        "item_images": {
+            "item_id": [_non_empty_str()], "status": [pa.Check.isin(list(IMAGE_STATUSES))],
+            "source": [pa.Check.isin(list(IMAGE_SOURCES))],
+            "image_sha256": [pa.Check.str_matches(r"^[0-9a-f]{64}$")],
+            "width": [pa.Check.ge(1)], "height": [pa.Check.ge(1)],
+            "original_width": [pa.Check.ge(1)], "original_height": [pa.Check.ge(1)],
+        },
+        "item_captions": {
+            "item_id": [_non_empty_str()], "status": [pa.Check.isin(["ok", "failed"])],
+            "modality": [pa.Check.isin(list(CAPTION_MODALITIES))], "item_content_hash": [_non_empty_str()],
+            "cache_key": [_non_empty_str()], "model": [_non_empty_str()], "model_fingerprint": [_non_empty_str()],
+            "prompt_version": [_non_empty_str()], "generation": [_is_json_object()],
+            "generated_tokens": [pa.Check.ge(0)], "clip_score": [pa.Check.in_range(-1.0, 1.0)],
+        },
+        "caption_cache": {
+            "cache_key": [_non_empty_str()], "item_id": [_non_empty_str()], "generated_tokens": [pa.Check.ge(0)],
+            "model": [_non_empty_str()], "model_fingerprint": [_non_empty_str()],
+            "prompt_version": [_non_empty_str()], "generation": [_is_json_object()], "created_at": [_finite()],
+        },
+        "user_preferences": {
+            "user_id": [_non_empty_str()], "split": eval_split, "mode": [pa.Check.isin(list(PREFERENCE_MODES))],
+            "target_seq_index": [pa.Check.ge(1)], "history_items": [pa.Check.ge(1)],
+            "history_last_seq_index": [pa.Check.ge(0)], "blocks": [pa.Check.ge(1)],
+            "status": [pa.Check.isin(["ok", "failed"])], "profile": [_non_empty_str()],
+            "history_hash": [_non_empty_str()], "cache_key": [_non_empty_str()], "model": [_non_empty_str()],
+            "model_fingerprint": [_non_empty_str()], "prompt_version": [_non_empty_str()],
+            "caption_snapshot": [_non_empty_str()],
+        },
+        "preference_cache": {
+            "cache_key": [_non_empty_str()], "generated_tokens": [pa.Check.ge(0)], "model": [_non_empty_str()],
+            "model_fingerprint": [_non_empty_str()], "prompt_version": [_non_empty_str()], "created_at": [_finite()],
+        },
     }
 
 
@@ -269,6 +310,19 @@ def _wide_checks() -> dict[str, list[pa.Check]]:
                                 lambda d: d.best_epoch <= d.epochs_run)],
         "metric_report": [_wide("ci_low_le_value_le_ci_high", ("ci_low", "value", "ci_high"),
                                 lambda d: (d.ci_low <= d.value) & (d.value <= d.ci_high))],
+        "item_images": [
+            _wide("image_path_iff_ok", ("status", "image_path"), lambda d: (d.status == "ok") == d.image_path.notna()),
+            _wide("reason_iff_not_ok", ("status", "reason"), lambda d: (d.status == "ok") == d.reason.isna()),
+        ],
+        "item_captions": [
+            _wide("caption_iff_ok", ("status", "caption"), lambda d: (d.status == "ok") == d.caption.notna()),
+            _wide("reason_iff_failed", ("status", "reason"), lambda d: (d.status == "ok") == d.reason.isna()),
+        ],
+        "user_preferences": [
+            _wide("history_before_target", ("history_last_seq_index", "target_seq_index"),
+                  lambda d: d.history_last_seq_index < d.target_seq_index),
+            _wide("summary_iff_ok", ("status", "summary"), lambda d: (d.status == "ok") == d.summary.notna()),
+        ],
     }
 
 

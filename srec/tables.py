@@ -113,6 +113,93 @@ TABLES: dict[str, str] = {
         train_seconds DOUBLE NOT NULL,
         device VARCHAR NOT NULL
     """,
+    # Per item of the category (every item in interactions): where its image came from and whether it is usable.
+    "item_images": """
+        category VARCHAR NOT NULL,
+        item_id VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,     -- 'ok' | 'missing' | 'invalid'
+        reason VARCHAR,              -- why not ok (NULL when ok)
+        source VARCHAR NOT NULL,     -- 'path' | 'url' | 'placeholder' | 'none'
+        source_ref VARCHAR,          -- the path or URL as the source gave it
+        synthetic BOOLEAN NOT NULL,  -- TRUE: a placeholder srec rendered, not a real product image
+        image_path VARCHAR,          -- the normalised RGB image (content-addressed file); NULL unless ok
+        image_sha256 VARCHAR,        -- of the normalised file; NULL unless ok
+        width INTEGER,
+        height INTEGER,
+        original_mode VARCHAR,       -- Pillow mode before conversion (CMYK, RGBA, P, I;16 ...)
+        original_width INTEGER,
+        original_height INTEGER
+    """,
+    # One fused description per item (the latest materialization's snapshot).
+    "item_captions": """
+        category VARCHAR NOT NULL,
+        item_id VARCHAR NOT NULL,
+        status VARCHAR NOT NULL,     -- 'ok' | 'failed'
+        reason VARCHAR,              -- why failed (NULL when ok)
+        caption VARCHAR,             -- NULL when failed
+        modality VARCHAR NOT NULL,   -- 'image+text' | 'text' (image missing or invalid)
+        from_cache BOOLEAN NOT NULL, -- TRUE: reused from caption_cache, not generated in this run
+        item_content_hash VARCHAR NOT NULL,  -- title, description, brand, categories, image sha
+        cache_key VARCHAR NOT NULL,  -- (item content hash, model, prompt version, generation settings)
+        model VARCHAR NOT NULL,      -- model id or path as configured
+        model_fingerprint VARCHAR NOT NULL,  -- hash of the model's config and weights files
+        prompt_version VARCHAR NOT NULL,
+        generation VARCHAR NOT NULL, -- JSON of the generation settings
+        generated_tokens INTEGER,
+        clip_score DOUBLE,           -- CLIP image-caption cosine (hallucination score); NULL without an image
+        clip_model VARCHAR,
+        image_synthetic BOOLEAN NOT NULL
+    """,
+    # Every caption ever generated, keyed by what determines it: re-materializing reuses these rows,
+    # and a killed run resumes from the chunks it committed.
+    "caption_cache": """
+        cache_key VARCHAR NOT NULL,
+        category VARCHAR NOT NULL,
+        item_id VARCHAR NOT NULL,
+        caption VARCHAR NOT NULL,
+        generated_tokens INTEGER NOT NULL,
+        model VARCHAR NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        prompt_version VARCHAR NOT NULL,
+        generation VARCHAR NOT NULL,
+        run_id VARCHAR,
+        created_at DOUBLE NOT NULL   -- unix seconds
+    """,
+    # Per (user, eval split, mode): the preference summary over the history before that target.
+    "user_preferences": """
+        category VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        split VARCHAR NOT NULL,      -- 'valid' | 'test': whose target the history precedes
+        mode VARCHAR NOT NULL,       -- 'recurrent' (blocks, each prompt carries the previous summary) | 'direct'
+        target_seq_index INTEGER NOT NULL,
+        history_items INTEGER NOT NULL,       -- items the summary saw (most recent max_history)
+        history_last_seq_index INTEGER NOT NULL,  -- always < target_seq_index (no leakage)
+        history_item_ids VARCHAR NOT NULL,    -- JSON list, oldest first
+        blocks INTEGER NOT NULL,     -- LLM calls chained for this summary (1 in direct mode)
+        status VARCHAR NOT NULL,     -- 'ok' | 'failed'
+        reason VARCHAR,
+        summary VARCHAR,             -- NULL when failed
+        profile VARCHAR NOT NULL,    -- user profile text computed from the same history
+        history_hash VARCHAR NOT NULL,
+        cache_key VARCHAR NOT NULL,  -- of the last block's summary
+        from_cache BOOLEAN NOT NULL,
+        model VARCHAR NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        prompt_version VARCHAR NOT NULL,
+        caption_snapshot VARCHAR NOT NULL  -- DataVersion of the item_captions partition the prompts used
+    """,
+    # Every summary step ever generated (one row per block prompt), keyed by the chain that determines it.
+    "preference_cache": """
+        cache_key VARCHAR NOT NULL,
+        category VARCHAR NOT NULL,
+        summary VARCHAR NOT NULL,
+        generated_tokens INTEGER NOT NULL,
+        model VARCHAR NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        prompt_version VARCHAR NOT NULL,
+        run_id VARCHAR,
+        created_at DOUBLE NOT NULL   -- unix seconds
+    """,
     "metric_report": """
         category VARCHAR NOT NULL,
         model VARCHAR NOT NULL,

@@ -1,0 +1,1 @@
+"""Model code: the tiny offline models, loading and batched generation, CLIP scoring."""
