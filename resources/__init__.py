@@ -1,4 +1,5 @@
-"""Dagster resources: they own storage (DuckDB, report folders) and, later, the models."""
+"""Dagster resources: storage (DuckDB, report and artifact folders) and the models (one runner per role)."""
+from resources.models import DEFAULT_MODELS, HallucinationScorer, ModelRunner
 from resources.storage import SrecStorage
 
-__all__ = ["SrecStorage"]
+__all__ = ["DEFAULT_MODELS", "HallucinationScorer", "ModelRunner", "SrecStorage"]

@@ -10,7 +10,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from srec.db import ensure_tables
-from srec.paths import DATA_DIR, DEFAULT_DATABASE, REPORTS_DIR
+from srec.paths import ARTIFACTS_DIR, DATA_DIR, DEFAULT_DATABASE, REPORTS_DIR
 
 
 class SrecStorage(dg.ConfigurableResource):
@@ -22,6 +22,7 @@ class SrecStorage(dg.ConfigurableResource):
 
     database: str = str(DEFAULT_DATABASE)
     reports_dir: str = str(REPORTS_DIR)
+    artifacts_dir: str = str(ARTIFACTS_DIR)   # image cache, adapters: files that are not tables
     temp_directory: str = str(DATA_DIR / "tmp")
     memory_limit: str = "1500MB"
     threads: int = 2
@@ -46,6 +47,11 @@ class SrecStorage(dg.ConfigurableResource):
         with self._duckdb().get_connection() as con:
             ensure_tables(con)
             yield con
+
+    def artifact_dir(self, *parts: str) -> Path:
+        path = Path(self.artifacts_dir).joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def report_dir(self, category: str) -> Path:
         path = Path(self.reports_dir) / category

@@ -49,11 +49,15 @@ def delete_partition(con: duckdb.DuckDBPyConnection, table: str, category: str) 
     con.execute(f"DELETE FROM {table} WHERE category = ?", [category])
 
 
-def partition_content_hash(con: duckdb.DuckDBPyConnection, table: str, category: str) -> str:
-    """Order-independent content hash (a sum, so repeated rows still count) of a table's partition: the DataVersion of what was written."""
-    columns = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+def partition_content_hash(
+    con: duckdb.DuckDBPyConnection, table: str, category: str, columns: Iterable[str] | None = None
+) -> str:
+    """Order-independent content hash (a sum, so repeated rows still count) of a table's partition: the
+    DataVersion of what was written. ``columns`` limits it to the columns that are the content (leaving out
+    bookkeeping such as whether a row came from a cache)."""
+    columns = list(columns) if columns is not None else [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
     row = ", ".join(f'"{c}"' for c in columns)
     (n, h) = scalar_row(
         con, f"SELECT count(*), coalesce(sum(hash(({row}))::HUGEINT), 0) FROM {table} WHERE category = ?", [category]
     )
-    return hashlib.sha256(f"{table}:{n}:{h}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{table}:{','.join(columns)}:{n}:{h}".encode()).hexdigest()[:16]

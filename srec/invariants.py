@@ -289,3 +289,58 @@ def ingest_reconciles(con: duckdb.DuckDBPyConnection, category: str) -> Invarian
         f"[{category}] ingest_log reconciles: read = kept + quarantined, and matches the stored rows",
         ["ingest_log", "raw_reviews", "raw_items", "ingest_quarantine"], sql, [category],
     )
+
+
+def item_images_cover_items(con: duckdb.DuckDBPyConnection, category: str) -> InvariantOutcome:
+    """Every item in interactions has exactly one item_images row and no other item has one."""
+    sql = """
+        WITH items AS (SELECT DISTINCT item_id FROM interactions WHERE category = ?),
+             imgs AS (SELECT item_id FROM item_images WHERE category = ?)
+        SELECT i.item_id, 'item in interactions has no item_images row' AS problem
+        FROM items i ANTI JOIN imgs g ON g.item_id = i.item_id
+        UNION ALL
+        SELECT g.item_id, 'item_images row for an item not in interactions' AS problem
+        FROM imgs g ANTI JOIN items i ON g.item_id = i.item_id
+    """
+    return _run(con, "item_images covers exactly the items in interactions", ["interactions", "item_images"],
+                sql, [category, category])
+
+
+def captions_cover_items(con: duckdb.DuckDBPyConnection, category: str) -> InvariantOutcome:
+    """Every item of item_images has one caption row, and its modality matches its image status."""
+    sql = """
+        SELECT g.item_id, 'item has no caption row' AS problem
+        FROM item_images g ANTI JOIN item_captions c ON c.category = g.category AND c.item_id = g.item_id
+        WHERE g.category = ?
+        UNION ALL
+        SELECT c.item_id, 'caption row for an item without an item_images row' AS problem
+        FROM item_captions c ANTI JOIN item_images g ON c.category = g.category AND c.item_id = g.item_id
+        WHERE c.category = ?
+        UNION ALL
+        SELECT c.item_id, 'modality does not match the image status (' || g.status || ')' AS problem
+        FROM item_captions c JOIN item_images g ON c.category = g.category AND c.item_id = g.item_id
+        WHERE c.category = ? AND (c.modality = 'image+text') <> (g.status = 'ok')
+    """
+    return _run(con, "one caption per item, image+text exactly when the image is ok", ["item_images", "item_captions"],
+                sql, [category, category, category])
+
+
+def preferences_use_only_past(con: duckdb.DuckDBPyConnection, category: str) -> InvariantOutcome:
+    """Each summary's target is the user's real valid/test target and every item it saw came before it."""
+    sql = """
+        WITH p AS (SELECT * FROM user_preferences WHERE category = ?),
+             t AS (SELECT user_id, split, seq_index FROM interactions
+                   WHERE category = ? AND label = 1 AND split IN ('valid', 'test')),
+             h AS (SELECT p.user_id, p.split, p.mode, p.target_seq_index,
+                          unnest(json_extract_string(p.history_item_ids, '$[*]')) AS item_id FROM p)
+        SELECT p.user_id, p.split, p.mode, 'target_seq_index is not the split target' AS problem
+        FROM p LEFT JOIN t ON t.user_id = p.user_id AND t.split = p.split
+        WHERE t.seq_index IS DISTINCT FROM p.target_seq_index
+        UNION ALL
+        SELECT h.user_id, h.split, h.mode, 'history item ' || h.item_id || ' is not before the target' AS problem
+        FROM h LEFT JOIN interactions i
+          ON i.category = ? AND i.user_id = h.user_id AND i.item_id = h.item_id AND i.label = 1
+        WHERE i.seq_index IS NULL OR i.seq_index >= h.target_seq_index
+    """
+    return _run(con, "summaries use only interactions before their target", ["interactions", "user_preferences"],
+                sql, [category, category, category])

@@ -11,4 +11,5 @@ CATEGORIES_FILE = PROJECT_ROOT / "data" / "categories.yaml"
 DATA_DIR = Path(os.environ.get("SREC_DATA_DIR", PROJECT_ROOT / "data"))
 DEFAULT_DATABASE = DATA_DIR / "srec.duckdb"
 REPORTS_DIR = DATA_DIR / "reports"
+ARTIFACTS_DIR = DATA_DIR / "artifacts"   # image cache, adapters (git-ignored)
 SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"

@@ -23,6 +23,7 @@ def storage(tmp_path: Path):
     return SrecStorage(
         database=str(tmp_path / "srec.duckdb"),
         reports_dir=str(tmp_path / "reports"),
+        artifacts_dir=str(tmp_path / "artifacts"),
         temp_directory=str(tmp_path / "duckdb_tmp"),
     )
 
@@ -35,3 +36,25 @@ def con(tmp_path: Path):
     c = duckdb.connect(str(tmp_path / "t.duckdb"))
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny offline models, built once per test session from the bundled sample's item text."""
+    from srec.models.tiny import build_tiny_models, category_texts
+
+    return build_tiny_models(category_texts(["beauty"]), tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def model_resources(tiny_models) -> dict:
+    """Model resources on the tiny models, small generation budgets so tests stay fast."""
+    from resources import HallucinationScorer, ModelRunner
+
+    return {
+        "captioner": ModelRunner(role="captioner", model=str(tiny_models["captioner"]), max_new_tokens=12,
+                                 max_batch_size=32),
+        "summariser": ModelRunner(role="summariser", model=str(tiny_models["summariser"]), max_new_tokens=12,
+                                  max_batch_size=64),
+        "hallucination_scorer": HallucinationScorer(model=str(tiny_models["clip"])),
+    }

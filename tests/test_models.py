@@ -1,0 +1,147 @@
+"""The tiny offline models and the model runner: real transformers code paths, no network."""
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from PIL import Image
+
+from resources import ModelRunner
+
+from srec.models.generation import GenerationRequest
+from srec.models.runner import LoadedModel, ModelLoadError, RunnerSettings, model_fingerprint
+from srec.models.tiny import build_tiny_models
+from srec.paths import SHARED_DATA_DIR
+
+
+@pytest.fixture(scope="module")
+def red_image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("img") / "red.png"
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(path)
+    return str(path)
+
+
+def _titles(n: int) -> list[str]:
+    lines = (SHARED_DATA_DIR / "amazon-beauty" / "item_titles.csv").read_text().splitlines()[1 : n + 1]
+    return [line.split(",", 1)[1] for line in lines]
+
+
+def test_tiny_models_are_real_architectures_and_deterministic(tmp_path):
+    texts = _titles(400)
+    a = build_tiny_models(texts, tmp_path / "a")
+    b = build_tiny_models(texts, tmp_path / "b")
+    for role in ("captioner", "summariser", "clip"):
+        assert model_fingerprint(a[role]) == model_fingerprint(b[role]), role
+    assert json.loads((a["captioner"] / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    assert json.loads((a["summariser"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((a["clip"] / "config.json").read_text())["architectures"] == ["CLIPModel"]
+    # A different corpus gives a different tokenizer, hence a different model.
+    c = build_tiny_models(_titles(300), tmp_path / "c")
+    assert model_fingerprint(c["summariser"]) != model_fingerprint(a["summariser"])
+    # Rebuilding into the same folder with the same corpus reuses it.
+    before = (a["captioner"] / "model.safetensors").stat().st_mtime_ns
+    build_tiny_models(texts, tmp_path / "a")
+    assert (a["captioner"] / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_answer_words_are_single_tokens(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["summariser"], local_files_only=True)
+    for word in ("Yes.", "No."):
+        ids = tok.encode(word, add_special_tokens=False)
+        assert tok.decode(ids) == word
+
+
+def test_image_text_runner_batches_like_single_requests(tiny_models, red_image):
+    m = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"]), max_new_tokens=8, max_batch_size=3))
+    assert m.task == "image-text-to-text" and m.device == "cpu" and str(m.dtype) == "torch.float32"
+    requests = [
+        GenerationRequest("Title: red lipstick", red_image, system="Describe products."),
+        GenerationRequest("Title: face cream for dry skin, 50 ml"),
+        GenerationRequest("Title: shampoo", red_image),
+        GenerationRequest("Title: a much longer title of a hair dryer with a diffuser and two speeds", red_image),
+        GenerationRequest("Title: nail polish"),
+    ]
+    batched = m.generate(requests)
+    single = [m.generate([r])[0] for r in requests]
+    assert batched == single  # left padding + attention mask: batching does not change greedy outputs
+    assert all(1 <= r.generated_tokens <= 8 for r in batched)
+    # The chat template really carries the image token for image requests only.
+    enc = m._encode(requests[:1])
+    assert "pixel_values" in enc
+    assert m.model.config.image_token_id in enc["input_ids"][0].tolist()
+    assert "pixel_values" not in m._encode(requests[1:2])
+
+
+def test_causal_lm_runner(tiny_models, red_image):
+    m = LoadedModel(RunnerSettings(model=str(tiny_models["summariser"]), max_new_tokens=6))
+    assert m.task == "causal-lm"
+    out = m.generate([GenerationRequest("Summarise: lipstick, mascara", system="You summarise.")])
+    assert len(out) == 1 and out[0].generated_tokens >= 1
+    with pytest.raises(ValueError, match="cannot take an image"):
+        m.generate([GenerationRequest("x", red_image)])
+    assert m.identity.fingerprint == model_fingerprint(tiny_models["summariser"])
+    assert dict(m.identity.generation)["max_new_tokens"] == 6
+
+
+def test_model_that_is_not_available_offline_says_so():
+    with pytest.raises(ModelLoadError, match="not in the Hugging Face cache.*does not download"):
+        LoadedModel(RunnerSettings(model="llava-hf/llava-1.5-7b-hf"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        LoadedModel(RunnerSettings(model="/nonexistent/model"))
+
+
+def test_quantization_on_cpu_is_a_clear_error(tiny_models):
+    for q in ("4bit", "8bit"):
+        with pytest.raises(ModelLoadError, match="bitsandbytes, which needs CUDA"):
+            LoadedModel(RunnerSettings(model=str(tiny_models["summariser"]), quantization=q, device="cpu"))
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        LoadedModel(RunnerSettings(model=str(tiny_models["summariser"]), device="cuda"))
+    with pytest.raises(ModelLoadError, match="quantization"):
+        RunnerSettings(model="x", quantization="2bit")
+
+
+def test_clip_scorer(tiny_models, red_image):
+    from srec.models.clip import ClipScorer, ClipSettings
+
+    s = ClipScorer(ClipSettings(str(tiny_models["clip"])))
+    scores = s.score([red_image] * 3, ["red lipstick", "word " * 500, ""])  # long text is truncated, not an error
+    assert len(scores) == 3 and all(-1.0 <= x <= 1.0 for x in scores)
+    assert s.score([red_image], ["red lipstick"]) == pytest.approx(scores[:1], abs=1e-5)  # padding: float noise only
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        s.score([red_image] * 2, ["x"])
+
+
+def test_model_runner_resource_loads_once_per_step(tiny_models):
+    calls = []
+
+    @dg.asset
+    def uses_model(summariser: ModelRunner) -> None:
+        calls.append(id(summariser.loaded))
+        calls.append(id(summariser.loaded))
+        assert summariser.generate([GenerationRequest("hello")])[0].generated_tokens >= 1
+
+    runner = ModelRunner(role="summariser", model=str(tiny_models["summariser"]), max_new_tokens=4)
+    assert dg.materialize([uses_model], resources={"summariser": runner}).success
+    assert len(set(calls)) == 1
+
+
+def test_model_runner_rejects_unknown_role(tiny_models):
+    @dg.asset
+    def uses_model(summariser: ModelRunner) -> None: ...
+
+    with pytest.raises(Exception, match="role"):
+        dg.materialize([uses_model], resources={"summariser": ModelRunner(role="critic", model=str(tiny_models["summariser"]))})
+
+
+def test_missing_default_tiny_models_are_built_on_first_use(tmp_path, monkeypatch):
+    import srec.models.tiny as tiny
+
+    monkeypatch.setattr(tiny, "TINY_MODELS_DIR", tmp_path / "models")
+    built = []
+    monkeypatch.setattr(tiny, "category_texts", lambda categories=None: built.append(1) or _titles(300))
+    folder = tiny.ensure_tiny_models(out_dir=tmp_path / "models")["summariser"]
+    assert (Path(folder) / "config.json").is_file() and built == [1]
+    tiny.ensure_tiny_models(out_dir=tmp_path / "models")
+    assert built == [1]
