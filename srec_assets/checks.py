@@ -15,6 +15,7 @@ from srec.db import scalar_row
 from srec.schemas import validate_partition
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.ingest import raw_items, raw_reviews
+from srec_assets.assets.mllm import item_captions, item_images, user_preferences
 from srec_assets.assets.report import metric_report
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.partitions import category_config, category_partitions
@@ -101,4 +102,55 @@ ALL_CHECKS = [
     schema_check(baseline_scores, "baseline_full_ranking"),
     schema_check(baseline_scores, "baseline_runs"),
     schema_check(metric_report, "metric_report"),
+    schema_check(item_images, "item_images"),
+    invariant_check(item_images, "item_images_cover_items", invariants.item_images_cover_items),
+    schema_check(item_captions, "item_captions"),
+    schema_check(item_captions, "caption_cache"),
+    invariant_check(item_captions, "captions_cover_items", invariants.captions_cover_items),
+    schema_check(user_preferences, "user_preferences"),
+    schema_check(user_preferences, "preference_cache"),
+    invariant_check(user_preferences, "preferences_use_only_past", invariants.preferences_use_only_past),
 ]
+
+
+class HallucinationCheckConfig(dg.Config):
+    low_score: float = 0.2          # a caption whose CLIP cosine with its image is below this counts as low
+    max_low_share: float = 0.25     # warn when more than this share of scored captions is low
+
+
+@dg.asset_check(
+    asset=item_captions,
+    name="caption_hallucination",
+    partitions_def=category_partitions,
+    description="Warns when too many captions score low on CLIP image-caption cosine (MLLM-SRec's hallucination measure).",
+)
+def caption_hallucination(
+    context: dg.AssetCheckExecutionContext, config: HallucinationCheckConfig, storage: SrecStorage
+) -> dg.AssetCheckResult:
+    cfg = category_config(context)
+    with storage.connect() as con:
+        scored, low, synthetic, clip_model = scalar_row(
+            con,
+            "SELECT count(clip_score), count(*) FILTER (WHERE clip_score < ?), "
+            "count(*) FILTER (WHERE clip_score IS NOT NULL AND image_synthetic), any_value(clip_model) "
+            "FROM item_captions WHERE category = ?",
+            [config.low_score, cfg.name],
+        )
+        worst = con.execute(
+            "SELECT item_id, round(clip_score, 3) AS clip_score, left(caption, 120) AS caption FROM item_captions "
+            "WHERE category = ? AND clip_score IS NOT NULL ORDER BY clip_score LIMIT 10",
+            [cfg.name],
+        ).fetch_df()
+    share = low / scored if scored else 0.0
+    note = " Scores are against synthetic placeholder images." if synthetic else ""
+    return dg.AssetCheckResult(
+        passed=share <= config.max_low_share,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=(f"{low} of {scored} scored captions ({share:.1%}) have CLIP cosine < {config.low_score} "
+                     f"(limit {config.max_low_share:.0%}).{note}"),
+        metadata={"scored": scored, "low": low, "low_share": round(share, 4), "synthetic_scored": synthetic,
+                  "clip_model": clip_model or "none", "lowest": _md(worst, 10), **config.model_dump()},
+    )
+
+
+ALL_CHECKS.append(caption_hallucination)

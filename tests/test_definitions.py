@@ -10,7 +10,9 @@ import dagster as dg
 
 from srec.paths import PROJECT_ROOT
 
-REQUIRED_ASSETS = {"raw_reviews", "raw_items", "interactions", "eval_candidates", "baseline_scores", "metric_report"}
+REQUIRED_ASSETS = {"raw_reviews", "raw_items", "interactions", "eval_candidates", "item_images", "item_captions",
+                   "user_preferences", "baseline_scores", "metric_report"}
+WARNING_CHECKS = {"caption_hallucination"}  # quality warnings: recorded, never blocking
 
 
 def test_definitions_have_the_required_assets_partitioned_by_category():
@@ -34,7 +36,7 @@ def test_every_table_asset_has_a_blocking_schema_check():
         assert (asset, f"{asset}_schema") in names, asset
     graph = defs.resolve_asset_graph()
     for key in specs:
-        assert graph.get_check_spec(key).blocking, key
+        assert graph.get_check_spec(key).blocking == (key.name not in WARNING_CHECKS), key
 
 
 def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -26,22 +26,32 @@ def _check_results(result) -> dict[str, bool]:
 
 
 @pytest.mark.slow
-def test_whole_graph_on_the_sample(storage, tmp_path):
+def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
     with dg.instance_for_test() as instance:
         result = dg.materialize(
             ALL_ASSETS + ALL_CHECKS,
             partition_key="beauty",
-            resources={"storage": storage},
+            resources={"storage": storage, **model_resources},
             instance=instance,
             run_config=FAST_BASELINES,
         )
         assert result.success
         checks = _check_results(result)
-        assert len(checks) == len(ALL_CHECKS) and all(checks.values()), checks
+        assert len(checks) == len(ALL_CHECKS), checks
+        # Every blocking check passes; the hallucination warning is evaluated (random CLIP weights may trip it).
+        assert all(v for k, v in checks.items() if k != "caption_hallucination"), checks
 
         mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
-        for key in ("raw_reviews", "interactions", "eval_candidates", "baseline_scores", "metric_report"):
+        for key in ("raw_reviews", "interactions", "eval_candidates", "item_images", "item_captions",
+                    "user_preferences", "baseline_scores", "metric_report"):
             assert key in mats
+        images_md = result.asset_materializations_for_node("item_images")[0].metadata
+        assert images_md["synthetic"].value == images_md["items"].value == 2596  # placeholders, and says so
+        captions_md = result.asset_materializations_for_node("item_captions")[0].metadata
+        assert (captions_md["new"].value, captions_md["failed"].value) == (2596, 0)
+        prefs_md = result.asset_materializations_for_node("user_preferences")[0].metadata
+        assert prefs_md["rows"].value == prefs_md["ok"].value == 1065 * 2 * 2  # users x (valid, test) x modes
+        assert prefs_md["caption_snapshot"].value == captions_md["caption_snapshot"].value
         ingest_md = result.asset_materializations_for_node("raw_reviews")[0].metadata
         assert ingest_md["rows_read"].value == ingest_md["rows_kept"].value + ingest_md["rows_quarantined"].value
         # The sample: 2,000 users, 18,041 interactions, all of them read and kept.
@@ -86,7 +96,10 @@ def test_failed_blocking_check_stops_downstream(storage, tmp_path, monkeypatch):
     monkeypatch.setattr(seq_assets, "build_interactions", leaky_build)
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [raw_reviews, raw_items, interactions, eval_candidates, baseline_scores, metric_report] + ALL_CHECKS,
+            [raw_reviews, raw_items, interactions, eval_candidates, baseline_scores, metric_report]
+            + [c for c in ALL_CHECKS if all(k.asset_key.path[0] in {"raw_reviews", "raw_items", "interactions",
+                                                                   "eval_candidates", "baseline_scores", "metric_report"}
+                                            for k in c.check_keys)],
             partition_key="beauty",
             resources={"storage": storage},
             instance=instance,

@@ -219,6 +219,9 @@ def build_tiny_models(texts: Sequence[str], out_dir: Path = TINY_MODELS_DIR,
 
     ``texts`` is the corpus the tokenizer is fit on (item titles and descriptions of a category).
     """
+    import transformers  # noqa: PLC0415
+
+    transformers.utils.logging.disable_progress_bar()
     s = settings or TinyModelSettings()
     texts = [t for t in texts if t]
     if not texts:

@@ -7,11 +7,34 @@ import dagster as dg
 import pandas as pd
 
 from resources import SrecStorage
-from srec.db import partition_content_hash, replace_partition
+from srec.captions import caption_snapshot
+from srec.db import partition_content_hash, replace_partition, scalar_row
 from srec.report import REPORT_COLUMNS, compute_metric_rows, markdown_table, write_report
 from srec_assets.assets.baselines import baseline_scores
+from srec_assets.assets.mllm import item_captions, item_images
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.partitions import category_config, category_partitions
+
+
+def _mllm_inputs(con, category: str) -> dict:
+    """What the report must say about the MLLM stages' inputs: synthetic images above all."""
+    n, ok, synthetic = scalar_row(
+        con, "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), count(*) FILTER (WHERE synthetic) "
+        "FROM item_images WHERE category = ?", [category])
+    out = {}
+    if n:
+        out["item_images"] = (
+            f"{ok} of {n} items have a usable image; {synthetic} of them are SYNTHETIC placeholders rendered by srec "
+            "(the source has no product images), not real product photos" if synthetic
+            else f"{ok} of {n} items have a usable image (all from the source)")
+    captions = con.execute(
+        "SELECT model, model_fingerprint, string_agg(DISTINCT prompt_version, ', '), count(*) FROM item_captions "
+        "WHERE category = ? GROUP BY ALL", [category]).fetchall()
+    if captions:
+        out["item_captions"] = "; ".join(f"{c} captions by {m} (fingerprint {f}), prompts {v}" for m, f, v, c in captions)
+        out["caption_snapshot"] = caption_snapshot(con, category)
+    return out
+
 
 class ReportConfig(dg.Config):
     split: str = "test"
@@ -24,7 +47,7 @@ class ReportConfig(dg.Config):
     group_name="report",
     kinds={"duckdb", "markdown"},
     code_version="1",
-    deps=[baseline_scores, eval_candidates, interactions],
+    deps=[baseline_scores, eval_candidates, interactions, item_images, item_captions],
     description="Every model by protocol (1+20, 1+99, full ranking): mean and bootstrap 95% CI over users.",
 )
 def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, storage: SrecStorage) -> dg.MaterializeResult:
@@ -44,6 +67,7 @@ def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, stora
             "bootstrap": f"{config.n_boot} resamples of users, seed {config.seed}",
             "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dagster_run_id": context.run.run_id,
+            **_mllm_inputs(con, cfg.name),
         }
         paths = write_report(rows, storage.report_dir(cfg.name), category=cfg.name, provenance=provenance)
         frame = pd.DataFrame(rows)[list(REPORT_COLUMNS)]
