@@ -93,6 +93,12 @@ def _parse_category(name: str, raw: dict, base: Path, source: Path) -> CategoryC
     images = raw.get("images") or {}
     if not isinstance(images, dict):
         raise ConfigError(f"{where}: 'images' must be a mapping of ImageSettings fields")
+    from srec.images import ImageSettings  # noqa: PLC0415 (srec.images is heavier; only needed here)
+
+    try:
+        ImageSettings.from_mapping(images)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: images: {e}") from e
     return CategoryConfig(
         baselines=dict(baselines),
         images=dict(images),

@@ -56,3 +56,12 @@ def test_extra_files_add_categories_and_refuse_redeclaration(tmp_path):
     dup.write_text("categories:\n  beauty:\n    format: amazon2018\n    reviews: a\n")
     with pytest.raises(ConfigError, match="already declared"):
         load_categories(CATEGORIES_FILE, extra=str(dup))
+
+
+def test_bad_image_settings_name_the_file_and_category(tmp_path):
+    from srec.config import ConfigError, load_category_file
+
+    f = tmp_path / "c.yaml"
+    f.write_text("categories:\n  toys:\n    format: p5_sequences\n    reviews: a.txt\n    images: {max_sid: 3}\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: category 'toys': images: unknown images setting.*max_sid"):
+        load_category_file(f)
