@@ -52,9 +52,9 @@ def model_resources(tiny_models) -> dict:
     from resources import HallucinationScorer, ModelRunner
 
     return {
-        "captioner": ModelRunner(role="captioner", model=str(tiny_models["captioner"]), max_new_tokens=12,
+        "captioner": ModelRunner(role="captioner", model=str(tiny_models["captioner"]), max_new_tokens=8,
                                  max_batch_size=32),
-        "summariser": ModelRunner(role="summariser", model=str(tiny_models["summariser"]), max_new_tokens=12,
+        "summariser": ModelRunner(role="summariser", model=str(tiny_models["summariser"]), max_new_tokens=8,
                                   max_batch_size=64),
         "hallucination_scorer": HallucinationScorer(model=str(tiny_models["clip"])),
     }

@@ -15,6 +15,8 @@ from srec_assets.checks import ALL_CHECKS
 from srec_assets.definitions import ALL_ASSETS
 
 FAST_BASELINES = {"ops": {"baseline_scores": {"config": {"max_epochs": 3, "patience": 2}}}}
+# The direct (one long prompt) summaries are covered on a smaller category in test_mllm_assets.
+FAST_RUN = {"ops": {**FAST_BASELINES["ops"], "user_preferences": {"config": {"modes": ["recurrent"]}}}}
 
 
 def _check_results(result) -> dict[str, bool]:
@@ -33,7 +35,7 @@ def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
             partition_key="beauty",
             resources={"storage": storage, **model_resources},
             instance=instance,
-            run_config=FAST_BASELINES,
+            run_config=FAST_RUN,
         )
         assert result.success
         checks = _check_results(result)
@@ -50,7 +52,7 @@ def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
         captions_md = result.asset_materializations_for_node("item_captions")[0].metadata
         assert (captions_md["new"].value, captions_md["failed"].value) == (2596, 0)
         prefs_md = result.asset_materializations_for_node("user_preferences")[0].metadata
-        assert prefs_md["rows"].value == prefs_md["ok"].value == 1065 * 2 * 2  # users x (valid, test) x modes
+        assert prefs_md["rows"].value == prefs_md["ok"].value == 1065 * 2  # users x (valid, test), recurrent
         assert prefs_md["caption_snapshot"].value == captions_md["caption_snapshot"].value
         ingest_md = result.asset_materializations_for_node("raw_reviews")[0].metadata
         assert ingest_md["rows_read"].value == ingest_md["rows_kept"].value + ingest_md["rows_quarantined"].value

@@ -67,6 +67,40 @@ GOOD: dict[str, dict[str, list]] = {
         "protocol": ["1+99", "full_ranking"], "metric": ["hr@10", "ndcg@10"], "value": [0.34, 0.0068],
         "ci_low": [0.33, 0.006], "ci_high": [0.35, 0.0075], "n_users": [22363, 22363],
     },
+    "item_images": {
+        "category": ["c", "c"], "item_id": ["B004756YJA", "B0009P4PZC"], "status": ["ok", "invalid"],
+        "reason": [None, "invalid image: truncated"], "source": ["placeholder", "path"],
+        "source_ref": [None, "img/b.jpg"], "synthetic": [True, False], "image_path": ["/x/a.png", None],
+        "image_sha256": [SHA, None], "width": [96, None], "height": [96, None], "original_mode": ["RGB", None],
+        "original_width": [96, None], "original_height": [96, None],
+    },
+    "item_captions": {
+        "category": ["c", "c"], "item_id": ["B004756YJA", "B0009P4PZC"], "status": ["ok", "failed"],
+        "reason": [None, "RuntimeError: x"], "caption": ["A lip balm.", None], "modality": ["image+text", "text"],
+        "from_cache": [True, False], "item_content_hash": ["h1", "h2"], "cache_key": ["k1", "k2"],
+        "model": ["m", "m"], "model_fingerprint": ["f", "f"], "prompt_version": ["caption_fused/v1+ab", "caption_text_only/v1+cd"],
+        "generation": ['{"max_new_tokens": 24}'] * 2, "generated_tokens": [5, None], "clip_score": [0.27, None],
+        "clip_model": ["clip", None], "image_synthetic": [True, False],
+    },
+    "caption_cache": {
+        "cache_key": ["k1", "k3"], "category": ["c", "c"], "item_id": ["B004756YJA", "B0009P4PZC"],
+        "caption": ["A lip balm.", ""], "generated_tokens": [5, 0], "model": ["m", "m"], "model_fingerprint": ["f", "f"],
+        "prompt_version": ["caption_fused/v1+ab"] * 2, "generation": ["{}", "{}"], "run_id": ["r", None],
+        "created_at": [1.7e9, 1.7e9],
+    },
+    "user_preferences": {
+        "category": ["c", "c"], "user_id": ["u", "u"], "split": ["valid", "test"], "mode": ["recurrent", "direct"],
+        "target_seq_index": [5, 6], "history_items": [5, 6], "history_last_seq_index": [4, 5],
+        "history_item_ids": ['["a"]', '["a"]'], "blocks": [2, 1], "status": ["ok", "failed"], "reason": [None, "x"],
+        "summary": ["Likes lip care.", None], "profile": ["User profile: 5 purchases.", "User profile: 6 purchases."],
+        "history_hash": ["h", "h2"], "cache_key": ["k", "k2"], "from_cache": [False, False], "model": ["m", "m"],
+        "model_fingerprint": ["f", "f"], "prompt_version": ["p", "p"], "caption_snapshot": ["s", "s"],
+    },
+    "preference_cache": {
+        "cache_key": ["k", "k3"], "category": ["c", "c"], "summary": ["Likes lip care.", "x"], "generated_tokens": [4, 1],
+        "model": ["m", "m"], "model_fingerprint": ["f", "f"], "prompt_version": ["p", "p"], "run_id": [None, "r"],
+        "created_at": [1.7e9, 1.7e9],
+    },
 }
 
 # table -> (column, bad value, row, check name expected in the failure cases)
@@ -89,6 +123,12 @@ BROKEN: dict[str, list[tuple[str, object, int, str]]] = {
                       ("best_valid_ndcg10", 1.5, 1, "in_range")],
     "metric_report": [("value", 0.5, 0, "ci_low_le_value_le_ci_high"), ("protocol", "1+10", 1, "isin"),
                       ("n_users", 0, 0, "greater_than_or_equal_to")],
+    "item_images": [("status", "broken", 0, "isin"), ("image_path", None, 0, "image_path_iff_ok"),
+                    ("reason", "x", 0, "reason_iff_not_ok")],
+    "item_captions": [("modality", "audio", 0, "isin"), ("caption", None, 0, "caption_iff_ok"),
+                      ("clip_score", 1.5, 0, "in_range"), ("generation", "x", 1, "json_object")],
+    "user_preferences": [("history_last_seq_index", 5, 0, "history_before_target"), ("mode", "x", 1, "isin"),
+                         ("summary", None, 0, "summary_iff_ok")],
 }
 
 
