@@ -75,11 +75,9 @@ def plan_captions(items: pd.DataFrame, identity: ModelIdentity, settings: Captio
     """Adds ``modality``, ``prompt``, ``prompt_version``, ``item_content_hash`` and ``cache_key`` per item."""
     df = items.copy()
     df["modality"] = ["image+text" if s == "ok" else "text" for s in df["image_status"]]
-    texts = [item_text(t, b, c, d, settings.max_description_chars) if pd.notna(t) or pd.notna(d)
-             else item_text(None) for t, b, c, d in
-             zip(df["title"].where(df["title"].notna(), None), df["brand"].where(df["brand"].notna(), None),
-                 df["categories"].where(df["categories"].notna(), None),
-                 df["description"].where(df["description"].notna(), None))]
+    fields = df[["title", "brand", "categories", "description"]].astype(object)
+    fields = fields.where(fields.notna(), None)  # item_text leaves out absent fields, never prints 'None'/'nan'
+    texts = [item_text(t, b, c, d, settings.max_description_chars) for t, b, c, d in fields.itertuples(index=False)]
     templates = [CAPTION_FUSED if m == "image+text" else CAPTION_TEXT_ONLY for m in df["modality"]]
     df["prompt"] = [t.render(item_text=x) for t, x in zip(templates, texts)]
     df["system"] = [t.system for t in templates]
