@@ -7,6 +7,7 @@ device, dtype, quantization, batch size, generation settings).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import dagster as dg
 from pydantic import PrivateAttr
@@ -53,6 +54,8 @@ class ModelRunner(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if self.role not in ROLES:
             raise dg.DagsterInvalidConfigError(f"role must be one of {ROLES}", [], self.role)
+        if self.role == "recommender":
+            return  # loaded per variant (LoRA / 4-bit QLoRA bases differ): see load_fresh
         self._loaded = LoadedModel(self.runner_settings())
         if context.log:
             context.log.info(f"{self.role}: loaded {self.model} ({self._loaded.describe()['parameters']:,} parameters "
@@ -63,6 +66,11 @@ class ModelRunner(dg.ConfigurableResource):
         if self._loaded is None:  # used outside a Dagster step (a script, a test)
             self._loaded = LoadedModel(self.runner_settings())
         return self._loaded
+
+    def load_fresh(self, **overrides) -> LoadedModel:
+        """A new copy of the model (e.g. ``quantization='4bit'`` for QLoRA), not the shared one: training wraps
+        the model it is given with adapters."""
+        return LoadedModel(replace(self.runner_settings(), **overrides))
 
     @property
     def identity(self) -> ModelIdentity:

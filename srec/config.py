@@ -53,6 +53,8 @@ class CategoryConfig:
     baselines: dict = field(default_factory=dict)
     # Image handling (fields of srec.images.ImageSettings): sizes, download limits, placeholders.
     images: dict = field(default_factory=dict)
+    # The MLLM recommender (fields of srec.recommender.RecommenderSettings): variants, LoRA, optimisation.
+    recommender: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -99,7 +101,17 @@ def _parse_category(name: str, raw: dict, base: Path, source: Path) -> CategoryC
         ImageSettings.from_mapping(images)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: images: {e}") from e
+    recommender = raw.get("recommender") or {}
+    if not isinstance(recommender, dict):
+        raise ConfigError(f"{where}: 'recommender' must be a mapping of RecommenderSettings fields")
+    from srec.recommender.settings import RecommenderSettings  # noqa: PLC0415
+
+    try:
+        RecommenderSettings.from_mapping(recommender)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: recommender: {e}") from e
     return CategoryConfig(
+        recommender=dict(recommender),
         baselines=dict(baselines),
         images=dict(images),
         name=name,

@@ -326,16 +326,16 @@ def captions_cover_items(con: duckdb.DuckDBPyConnection, category: str) -> Invar
 
 
 def preferences_use_only_past(con: duckdb.DuckDBPyConnection, category: str) -> InvariantOutcome:
-    """Each summary's target is the user's real valid/test target and every item it saw came before it."""
+    """Each summary's target is a real positive of its split (the valid/test target, or a training positive)
+    and every item it saw came before it."""
     sql = """
         WITH p AS (SELECT * FROM user_preferences WHERE category = ?),
-             t AS (SELECT user_id, split, seq_index FROM interactions
-                   WHERE category = ? AND label = 1 AND split IN ('valid', 'test')),
+             t AS (SELECT user_id, split, seq_index FROM interactions WHERE category = ? AND label = 1),
              h AS (SELECT p.user_id, p.split, p.mode, p.target_seq_index,
                           unnest(json_extract_string(p.history_item_ids, '$[*]')) AS item_id FROM p)
         SELECT p.user_id, p.split, p.mode, 'target_seq_index is not the split target' AS problem
-        FROM p LEFT JOIN t ON t.user_id = p.user_id AND t.split = p.split
-        WHERE t.seq_index IS DISTINCT FROM p.target_seq_index
+        FROM p LEFT JOIN t ON t.user_id = p.user_id AND t.split = p.split AND t.seq_index = p.target_seq_index
+        WHERE t.seq_index IS NULL
         UNION ALL
         SELECT h.user_id, h.split, h.mode, 'history item ' || h.item_id || ' is not before the target' AS problem
         FROM h LEFT JOIN interactions i
@@ -344,3 +344,48 @@ def preferences_use_only_past(con: duckdb.DuckDBPyConnection, category: str) -> 
     """
     return _run(con, "summaries use only interactions before their target", ["interactions", "user_preferences"],
                 sql, [category, category, category])
+
+
+def sft_examples_are_sound(con: duckdb.DuckDBPyConnection, category: str) -> InvariantOutcome:
+    """Every SFT target is a training positive whose example says Yes.; every negative is an item the user never
+    interacted with (or rated low in training); each target has one positive per style."""
+    sql = """
+        WITH e AS (SELECT * FROM sft_examples WHERE category = ?),
+             i AS (SELECT * FROM interactions WHERE category = ?)
+        SELECT e.user_id, e.style, e.item_id, 'positive is not the train positive at target_seq_index' AS problem
+        FROM e LEFT JOIN i ON i.user_id = e.user_id AND i.seq_index = e.target_seq_index AND i.label = 1
+        WHERE e.label = 1 AND (i.item_id IS DISTINCT FROM e.item_id OR i.split <> 'train')
+        UNION ALL
+        SELECT e.user_id, e.style, e.item_id, 'sampled negative is an item the user interacted with' AS problem
+        FROM e JOIN i ON i.user_id = e.user_id AND i.item_id = e.item_id
+        WHERE e.label_source = 'sampled'
+        UNION ALL
+        SELECT e.user_id, e.style, e.item_id, 'low-rating negative is not a low-rated training item' AS problem
+        FROM e LEFT JOIN i ON i.user_id = e.user_id AND i.item_id = e.item_id AND i.label = 0 AND i.split = 'train'
+        WHERE e.label_source = 'low_rating' AND i.item_id IS NULL
+        UNION ALL
+        SELECT user_id, style, NULL, 'target has ' || count(*) FILTER (WHERE label = 1) || ' positives' AS problem
+        FROM e GROUP BY user_id, style, target_seq_index HAVING count(*) FILTER (WHERE label = 1) <> 1
+    """
+    return _run(con, "SFT examples: real training positives, unseen or low-rated negatives",
+                ["interactions", "sft_examples"], sql, [category, category])
+
+
+def recommender_scores_cover_candidates(con: duckdb.DuckDBPyConnection, category: str) -> InvariantOutcome:
+    """Each recommender model scored every stored candidate of every user of its protocols, and nothing else."""
+    sql = """
+        WITH s AS (SELECT * FROM recommender_scores WHERE category = ?),
+             c AS (SELECT * FROM eval_candidates WHERE category = ?),
+             mp AS (SELECT DISTINCT model, split, protocol FROM s)
+        SELECT mp.model, c.user_id, c.slot, 'candidate not scored' AS problem
+        FROM mp JOIN c ON c.split = mp.split AND c.protocol = mp.protocol
+        LEFT JOIN s ON s.model = mp.model AND s.split = c.split AND s.protocol = c.protocol
+             AND s.user_id = c.user_id AND s.slot = c.slot
+        WHERE s.item_id IS DISTINCT FROM c.item_id
+        UNION ALL
+        SELECT s.model, s.user_id, s.slot, 'score for a slot that is not a stored candidate' AS problem
+        FROM s LEFT JOIN c USING (split, protocol, user_id, slot)
+        WHERE c.item_id IS NULL
+    """
+    return _run(con, "recommender scores cover exactly the stored candidates", ["eval_candidates", "recommender_scores"],
+                sql, [category, category])

@@ -1,7 +1,9 @@
 """User preference summaries: MLLM-MSR recurrent block summaries with MLLM-SRec temporal awareness.
 
-For every user and each evaluation target (``valid`` and ``test``) the history is the user's last
-``max_history`` positives *before* that target, oldest first. Per mode:
+For every user and each target the history is the user's last ``max_history`` positives *before*
+that target, oldest first. Targets: the ``valid`` and ``test`` targets, and the last ``train_targets``
+training positives (split ``train``: what the recommender is fine-tuned on, see
+``srec.recommender``). Per mode:
 
 * ``recurrent`` (MLLM-MSR): the history is cut into consecutive blocks of ``block_size`` items from
   the oldest; block 1 is summarised with ``PREFERENCE_FIRST_BLOCK``, block k > 1 with
@@ -59,11 +61,12 @@ from srec.models.generation import GenerateFn, GenerationRequest, GenerationResu
 
 MODES = ("recurrent", "direct")
 EVAL_SPLITS = ("valid", "test")
+TARGET_SPLITS = ("train", *EVAL_SPLITS)  # 'train': the last train_targets training positives (SFT targets)
 MAX_REASON_CHARS = 300
 _DAY = 86_400
 _NULL_TS = 9_223_372_036_854_775_807  # a NULL timestamp sorts last (srec.sequences.CHRONO_ORDER)
 # Explicit negatives before each target: valid -> the 'train' window; test -> 'train' and 'valid'.
-_NEG_WINDOWS = {"valid": ("train",), "test": ("train", "valid")}
+_NEG_WINDOWS = {"train": ("train",), "valid": ("train",), "test": ("train", "valid")}
 _T_KEYS = "_srec_pref_keys"
 _T_CHUNK = "_srec_pref_chunk"
 _T_ROWS = "_srec_pref_rows"
@@ -76,6 +79,7 @@ class PreferenceSettings:
     max_history: int = 50               # most recent items before the target
     chunk_size: int = 256               # prompts per generate call and per committed cache chunk (resume granularity)
     max_item_chars: int = 300           # an item's text in a block is cut to this
+    train_targets: int = 1              # summaries for each user's last N training positives (SFT targets)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modes", tuple(self.modes))
@@ -84,6 +88,8 @@ class PreferenceSettings:
         for name in ("block_size", "max_history", "chunk_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.train_targets) < 0:
+            raise ValueError(f"train_targets must be >= 0, got {self.train_targets}")
         if int(self.max_item_chars) < 20:
             raise ValueError(f"max_item_chars must be >= 20, got {self.max_item_chars}")
 
@@ -210,7 +216,7 @@ def _none_if_na(values: pd.Series) -> list:
 
 def _load(con: duckdb.DuckDBPyConnection, category: str, settings: PreferenceSettings):
     ensure_tables(con, ["interactions", "raw_items", "item_captions", "preference_cache"])
-    # Positives from (valid target's seq_index - max_history) on: everything any history can see.
+    # Positives from (valid target's seq_index - train_targets - max_history) on: everything any history can see.
     pos = con.execute(
         """
         SELECT user_id, item_id, seq_index, split, rating, timestamp, position
@@ -219,7 +225,7 @@ def _load(con: duckdb.DuckDBPyConnection, category: str, settings: PreferenceSet
                              OVER (PARTITION BY user_id) - ?
         ORDER BY user_id, seq_index
         """,
-        [category, int(settings.max_history)],
+        [category, int(settings.max_history) + int(settings.train_targets)],
     ).fetch_df()
     neg = con.execute(
         """
@@ -330,7 +336,7 @@ def _sha(*parts: str) -> str:
 
 def plan_preferences(con: duckdb.DuckDBPyConnection, category: str, identity: ModelIdentity,
                      settings: PreferenceSettings) -> list[PreferenceChain]:
-    """Every chain of prompts for ``category``, ordered by user, split (valid, test), mode; no LLM call.
+    """Every chain of prompts for ``category``, ordered by user, split (train, valid, test), mode; no LLM call.
 
     Raises ``ValueError`` when a target has no history (a broken ``interactions`` table).
     """
@@ -344,13 +350,16 @@ def plan_preferences(con: duckdb.DuckDBPyConnection, category: str, identity: Mo
     for user in sorted(positives):
         rows = positives[user]
         seqs = [r.seq for r in rows]
+        split_targets = []
         for split in EVAL_SPLITS:
             targets = [r for r in rows if r.split == split]
-            if not targets:
-                continue
             if len(targets) > 1:
                 raise ValueError(f"user {user!r} has {len(targets)} {split} targets in interactions for {category!r}")
-            target = targets[0]
+            split_targets += [(split, t) for t in targets]
+        if settings.train_targets:
+            train = [r for r in rows if r.split == "train" and r.seq > 0]
+            split_targets = [("train", t) for t in train[-int(settings.train_targets):]] + split_targets
+        for split, target in split_targets:
             end = bisect.bisect_left(seqs, target.seq)
             history = rows[max(0, end - mh):end]
             if not history:
@@ -362,7 +371,7 @@ def plan_preferences(con: duckdb.DuckDBPyConnection, category: str, identity: Mo
             temporal = all(h.ts is not None for h in history)
             lower = history[0].chrono if history[0].seq > 0 else None
             negs = [g for g in negatives.get(user, ()) if g[2] in _NEG_WINDOWS[split]
-                    and (lower is None or g[0] >= lower)]
+                    and (lower is None or g[0] >= lower) and (split != "train" or g[0] < target.chrono)]
             lines = _item_lines(history, items, temporal)
             profile = _profile(history, negs, items, temporal)
             history_hash = _sha(json.dumps(
@@ -567,7 +576,7 @@ def build_user_preferences(
     cross_user_batching: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> PreferenceStats:
-    """Write ``category``'s ``user_preferences`` partition (one row per user x eval split x mode).
+    """Write ``category``'s ``user_preferences`` partition (one row per user x target x mode).
 
     Generated steps go to ``preference_cache`` chunk by chunk as they are produced; the partition is
     replaced in one transaction at the end. See the module docstring for prompts, keys and failures.

@@ -90,6 +90,43 @@ PREFERENCE_DIRECT = PromptTemplate(
     ),
 )
 
+# --- the recommender (MLLM-SRec / MLLM-MSR yes/no SFT) ---------------------------------------------
+# A prompt = the user part (profile, preference, recent items: shared by all of a user's candidates and
+# encoded once) + the item part (the candidate; image placed here) + the question; the answer is
+# "Yes." or "No.".
+
+RECOMMEND_USER = PromptTemplate(
+    name="recommend_user",
+    revision=1,
+    system=("You are a recommender system. From a shopper's profile, preference and recent purchases, decide "
+            "whether they will buy the candidate item next. Answer Yes. or No."),
+    template="{profile}\n{preference}Recent purchases, oldest first:\n{history}\n",
+)
+
+RECOMMEND_ITEM = PromptTemplate(
+    name="recommend_item",
+    revision=1,
+    template="Candidate item:\n{item}\nWill the shopper buy this item next? Answer Yes. or No.",
+)
+
+# Chain of thought (MLLM-SRec): a reasoning step about how the preference matches the item, then the answer.
+RECOMMEND_COT_ITEM = PromptTemplate(
+    name="recommend_cot_item",
+    revision=1,
+    template=("Candidate item:\n{item}\nFirst reason in one sentence about how the shopper's preference matches "
+              "this item, then answer: will the shopper buy it next? Yes. or No."),
+)
+
+RECOMMEND_COT_REASONING = PromptTemplate(
+    name="recommend_cot_reasoning",
+    revision=1,
+    template="Candidate item:\n{item}\nIn one sentence: how does this item match the shopper's preference?",
+)
+
+# The assistant turn in chain-of-thought prompts; the answer follows "Answer:".
+RECOMMEND_COT_ANSWER = PromptTemplate(name="recommend_cot_answer", revision=1,
+                                      template="Reasoning: {reasoning}\nAnswer:")
+
 # --- not sent to a model, but part of prompts: versioned the same way ---------------------------
 
 USER_PROFILE = PromptTemplate(
@@ -100,7 +137,8 @@ USER_PROFILE = PromptTemplate(
 
 ALL_PROMPTS: dict[str, PromptTemplate] = {
     p.name: p for p in (CAPTION_FUSED, CAPTION_TEXT_ONLY, PREFERENCE_FIRST_BLOCK, PREFERENCE_NEXT_BLOCK,
-                        PREFERENCE_DIRECT, USER_PROFILE)
+                        PREFERENCE_DIRECT, USER_PROFILE, RECOMMEND_USER, RECOMMEND_ITEM, RECOMMEND_COT_ITEM,
+                        RECOMMEND_COT_REASONING, RECOMMEND_COT_ANSWER)
 }
 
 

@@ -57,8 +57,13 @@ UNIQUE_KEYS: dict[str, list[tuple[tuple[str, ...], str]]] = {
     "item_images": [(("item_id",), "")],
     "item_captions": [(("item_id",), "")],
     "caption_cache": [(("cache_key",), "")],
-    "user_preferences": [(("user_id", "split", "mode"), "")],
+    "user_preferences": [(("user_id", "split", "mode", "target_seq_index"), ""),
+                         (("user_id", "split", "mode"), "split <> 'train'")],
     "preference_cache": [(("cache_key",), "")],
+    "sft_examples": [(("style", "user_id", "target_seq_index", "item_id"), "")],
+    "recommender_scores": [(("model", "split", "protocol", "user_id", "slot"), "")],
+    "recommender_runs": [(("model",), "")],
+    "lora_adapter_history": [(("version", "variant", "run_id"), "")],
 }
 IMAGE_STATUSES = ("ok", "missing", "invalid")
 IMAGE_SOURCES = ("path", "url", "placeholder", "none")
@@ -238,6 +243,28 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
             "model": [_non_empty_str()], "split": eval_split, "protocol": sampled, "user_id": [_non_empty_str()],
             "slot": [pa.Check.in_range(0, k_max)], "item_id": [_non_empty_str()], "score": [_finite()],
         },
+        "sft_examples": {
+            "style": [_non_empty_str()], "user_id": [_non_empty_str()], "target_seq_index": [pa.Check.ge(1)],
+            "item_id": [_non_empty_str()], "label": [pa.Check.isin([0, 1])],
+            "label_source": [pa.Check.isin(["target", "low_rating", "sampled"])],
+            "answer": [pa.Check.isin(["Yes.", "No."])], "prefix_text": [_non_empty_str()],
+            "suffix_text": [_non_empty_str()], "history_kept": [pa.Check.ge(0)], "history_dropped": [pa.Check.ge(0)],
+            "prompt_tokens": [pa.Check.ge(1)], "prompt_version": [_non_empty_str()], "model": [_non_empty_str()],
+            "model_fingerprint": [_non_empty_str()],
+        },
+        "recommender_scores": {
+            "model": [_non_empty_str()], "split": eval_split, "protocol": sampled, "user_id": [_non_empty_str()],
+            "slot": [pa.Check.in_range(0, k_max)], "item_id": [_non_empty_str()], "score": unit,
+        },
+        "recommender_runs": {
+            "model": [_non_empty_str()], "variant": [_non_empty_str()], "base_model": [_non_empty_str()],
+            "base_fingerprint": [_non_empty_str()], "valid_auc": unit, "prompt_version": [_non_empty_str()],
+            "device": [_non_empty_str()], "rows": [pa.Check.ge(1)], "seconds": [_finite(), pa.Check.ge(0)],
+        },
+        "lora_adapter_history": {
+            "version": [_non_empty_str()], "created_at": [_finite()], "variant": [_non_empty_str()],
+            "valid_auc": unit, "base_valid_auc": unit, "best_epoch": [pa.Check.ge(0)],
+        },
         "baseline_full_ranking": {
             "model": [_non_empty_str()], "split": eval_split, "user_id": [_non_empty_str()],
             "item_id": [_non_empty_str()], "n_greater": [pa.Check.ge(0)], "n_ties": [pa.Check.ge(0)],
@@ -273,7 +300,8 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
             "prompt_version": [_non_empty_str()], "generation": [_is_json_object()], "created_at": [_finite()],
         },
         "user_preferences": {
-            "user_id": [_non_empty_str()], "split": eval_split, "mode": [pa.Check.isin(list(PREFERENCE_MODES))],
+            "user_id": [_non_empty_str()], "split": [pa.Check.isin(list(SPLITS))],
+            "mode": [pa.Check.isin(list(PREFERENCE_MODES))],
             "target_seq_index": [pa.Check.ge(1)], "history_items": [pa.Check.ge(1)],
             "history_last_seq_index": [pa.Check.ge(0)], "blocks": [pa.Check.ge(1)],
             "status": [pa.Check.isin(["ok", "failed"])], "profile": [_non_empty_str()],
@@ -318,6 +346,13 @@ def _wide_checks() -> dict[str, list[pa.Check]]:
             _wide("caption_iff_ok", ("status", "caption"), lambda d: (d.status == "ok") == d.caption.notna()),
             _wide("reason_iff_failed", ("status", "reason"), lambda d: (d.status == "ok") == d.reason.isna()),
         ],
+        "sft_examples": [
+            _wide("answer_matches_label", ("label", "answer"), lambda d: (d.label == 1) == (d.answer == "Yes.")),
+            _wide("positive_iff_target", ("label", "label_source"),
+                  lambda d: (d.label == 1) == (d.label_source == "target")),
+        ],
+        "recommender_scores": [_wide("slot_within_protocol", ("protocol", "slot"),
+                                     lambda d: d.slot <= d.protocol.map(k_of).fillna(-1))],
         "user_preferences": [
             _wide("history_before_target", ("history_last_seq_index", "target_seq_index"),
                   lambda d: d.history_last_seq_index < d.target_seq_index),

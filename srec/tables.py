@@ -165,11 +165,12 @@ TABLES: dict[str, str] = {
         run_id VARCHAR,
         created_at DOUBLE NOT NULL   -- unix seconds
     """,
-    # Per (user, eval split, mode): the preference summary over the history before that target.
+    # Per (user, target, mode): the preference summary over the history before that target. Targets: the valid
+    # and test targets, and each user's last N training positives (split 'train': the SFT targets).
     "user_preferences": """
         category VARCHAR NOT NULL,
         user_id VARCHAR NOT NULL,
-        split VARCHAR NOT NULL,      -- 'valid' | 'test': whose target the history precedes
+        split VARCHAR NOT NULL,      -- 'train' | 'valid' | 'test': whose target the history precedes
         mode VARCHAR NOT NULL,       -- 'recurrent' (blocks, each prompt carries the previous summary) | 'direct'
         target_seq_index INTEGER NOT NULL,
         history_items INTEGER NOT NULL,       -- items the summary saw (most recent max_history)
@@ -199,6 +200,67 @@ TABLES: dict[str, str] = {
         prompt_version VARCHAR NOT NULL,
         run_id VARCHAR,
         created_at DOUBLE NOT NULL   -- unix seconds
+    """,
+    # The recommender's supervised examples: per prompt style x training target x candidate, the exact
+    # prompt (fitted to max_length) and the answer the loss is on.
+    "sft_examples": """
+        category VARCHAR NOT NULL,
+        style VARCHAR NOT NULL,      -- prompt style: '<modality>+<preference>[+cot]'
+        user_id VARCHAR NOT NULL,
+        target_seq_index INTEGER NOT NULL,  -- the training target (a train positive); history is before it
+        item_id VARCHAR NOT NULL,    -- the candidate: the target (label 1) or a negative (label 0)
+        label TINYINT NOT NULL,
+        label_source VARCHAR NOT NULL,  -- 'target' | 'low_rating' (explicit negative) | 'sampled'
+        answer VARCHAR NOT NULL,     -- 'Yes.' | 'No.': the only tokens the loss covers
+        prefix_text VARCHAR NOT NULL,   -- the user part as the chat template renders it (shared by candidates)
+        suffix_text VARCHAR NOT NULL,   -- the candidate part and the assistant header
+        image_path VARCHAR,          -- the candidate's image, when the style shows it
+        reasoning VARCHAR,           -- chain-of-thought step (cot styles), by the base model
+        history_kept INTEGER NOT NULL,
+        history_dropped INTEGER NOT NULL,  -- oldest history lines dropped to fit max_length
+        summary_cut BOOLEAN NOT NULL,   -- the summary's start was cut too
+        prompt_tokens INTEGER NOT NULL, -- prefix + suffix + answer
+        prompt_version VARCHAR NOT NULL,
+        model VARCHAR NOT NULL,      -- the recommender whose tokenizer fitted the prompt
+        model_fingerprint VARCHAR NOT NULL
+    """,
+    # The MLLM recommender's P(yes) / (P(yes) + P(no)) for stored candidates: the columns of baseline_scores.
+    "recommender_scores": """
+        category VARCHAR NOT NULL,
+        model VARCHAR NOT NULL,      -- 'LLM <adapter>:<style> @ <base model>' (+ '(tiny, random weights)')
+        split VARCHAR NOT NULL,
+        protocol VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        slot INTEGER NOT NULL,
+        item_id VARCHAR NOT NULL,
+        score DOUBLE NOT NULL
+    """,
+    # One row per scored variant: what produced the recommender_scores rows of that model name.
+    "recommender_runs": """
+        category VARCHAR NOT NULL,
+        model VARCHAR NOT NULL,      -- as in recommender_scores
+        variant VARCHAR NOT NULL,    -- '<adapter>:<style>'
+        base_model VARCHAR NOT NULL,
+        base_fingerprint VARCHAR NOT NULL,
+        tiny_random_weights BOOLEAN NOT NULL,
+        adapter_path VARCHAR,        -- NULL for zero-shot
+        adapter_version VARCHAR,     -- the lora_adapter DataVersion it came from; NULL for zero-shot
+        valid_auc DOUBLE,            -- best validation AUC in training (NULL for zero-shot)
+        prompt_version VARCHAR NOT NULL,
+        device VARCHAR NOT NULL,
+        rows BIGINT NOT NULL,
+        seconds DOUBLE NOT NULL
+    """,
+    # One row per (lora_adapter materialization, variant): what the regression check compares.
+    "lora_adapter_history": """
+        category VARCHAR NOT NULL,
+        version VARCHAR NOT NULL,    -- the adapter set's DataVersion (its folder under artifacts/lora_adapter)
+        run_id VARCHAR,
+        created_at DOUBLE NOT NULL,  -- unix seconds
+        variant VARCHAR NOT NULL,
+        valid_auc DOUBLE,            -- best validation AUC (valid 1+20)
+        base_valid_auc DOUBLE,       -- the untrained base model's, same users
+        best_epoch INTEGER NOT NULL  -- 0: no epoch beat the base model
     """,
     "metric_report": """
         category VARCHAR NOT NULL,

@@ -16,6 +16,7 @@ from srec.schemas import validate_partition
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.ingest import raw_items, raw_reviews
 from srec_assets.assets.mllm import item_captions, item_images, user_preferences
+from srec_assets.assets.recommender import lora_adapter, recommender_scores, sft_examples
 from srec_assets.assets.report import metric_report
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.partitions import category_config, category_partitions
@@ -110,6 +111,12 @@ ALL_CHECKS = [
     schema_check(user_preferences, "user_preferences"),
     schema_check(user_preferences, "preference_cache"),
     invariant_check(user_preferences, "preferences_use_only_past", invariants.preferences_use_only_past),
+    schema_check(sft_examples, "sft_examples", may_be_empty=lambda cfg: True),
+    invariant_check(sft_examples, "sft_examples_are_sound", invariants.sft_examples_are_sound),
+    schema_check(recommender_scores, "recommender_scores"),
+    schema_check(recommender_scores, "recommender_runs"),
+    invariant_check(recommender_scores, "recommender_scores_cover_candidates",
+                    invariants.recommender_scores_cover_candidates),
 ]
 
 
@@ -154,3 +161,52 @@ def caption_hallucination(
 
 
 ALL_CHECKS.append(caption_hallucination)
+
+
+class AdapterRegressionConfig(dg.Config):
+    margin: float = 0.0   # warn when a variant's validation AUC falls more than this below the previous adapter's
+
+
+@dg.asset_check(
+    asset=lora_adapter,
+    name="adapter_not_worse_than_previous",
+    partitions_def=category_partitions,
+    description="Warns when a newly trained adapter scores worse on validation AUC than the category's previous one.",
+)
+def adapter_not_worse_than_previous(
+    context: dg.AssetCheckExecutionContext, config: AdapterRegressionConfig, storage: SrecStorage
+) -> dg.AssetCheckResult:
+    cfg = category_config(context)
+    with storage.connect() as con:
+        frame = con.execute(
+            """
+            WITH runs AS (SELECT version, run_id, max(created_at) AS t FROM lora_adapter_history
+                          WHERE category = ? GROUP BY ALL ORDER BY t DESC LIMIT 2),
+                 ranked AS (SELECT *, row_number() OVER (ORDER BY t DESC) AS k FROM runs)
+            SELECT h.variant, r.k, h.version, h.valid_auc FROM lora_adapter_history h
+            JOIN ranked r USING (version, run_id) WHERE h.category = ? ORDER BY h.variant, r.k
+            """, [cfg.name, cfg.name]).fetch_df()
+    new, old = frame[frame.k == 1].set_index("variant"), frame[frame.k == 2].set_index("variant")
+    if new.empty:
+        return dg.AssetCheckResult(passed=True, description="no adapter recorded yet")
+    rows = []
+    for variant, r in new.iterrows():
+        prev = old["valid_auc"].get(variant)
+        worse = prev is not None and r.valid_auc < prev - config.margin
+        rows.append({"variant": variant, "valid_auc": round(r.valid_auc, 4),
+                     "previous": None if prev is None else round(prev, 4), "worse": bool(worse)})
+    table = pd.DataFrame(rows)
+    worse = table[table.worse]
+    return dg.AssetCheckResult(
+        passed=worse.empty,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=("no previous adapter to compare with" if old.empty else
+                     f"{len(worse)} of {len(table)} variants score lower validation AUC than adapter "
+                     f"{old['version'].iloc[0]} (margin {config.margin})"),
+        metadata={"comparison": _md(table), "version": str(new["version"].iloc[0]),
+                  "previous_version": str(old["version"].iloc[0]) if not old.empty else "none",
+                  "margin": config.margin},
+    )
+
+
+ALL_CHECKS.append(adapter_not_worse_than_previous)

@@ -5,22 +5,24 @@ import os
 
 import dagster as dg
 
-from resources import DEFAULT_MODELS, HallucinationScorer, ModelRunner, SrecStorage
+from resources import DEFAULT_MODELS, AdapterIOManager, HallucinationScorer, ModelRunner, SrecStorage
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.ingest import raw_items, raw_reviews
 from srec_assets.assets.mllm import item_captions, item_images, user_preferences
+from srec_assets.assets.recommender import lora_adapter, recommender_scores, sft_examples
 from srec_assets.assets.report import metric_report
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.checks import ALL_CHECKS
 
 ALL_ASSETS = [raw_reviews, raw_items, interactions, eval_candidates, item_images, item_captions, user_preferences,
-              baseline_scores, metric_report]
+              sft_examples, lora_adapter, recommender_scores, baseline_scores, metric_report]
 
 # Everything for one category, checks included: what the demo command runs.
 full_graph_job = dg.define_asset_job(
     name="full_graph",
     selection=dg.AssetSelection.assets(*ALL_ASSETS),
-    description="Ingest -> interactions -> candidates -> images -> captions -> preferences; baselines -> metric report; one category.",
+    description=("Ingest -> interactions -> candidates -> images -> captions -> preferences -> SFT examples -> LoRA "
+                 "adapter -> recommender scores; baselines; -> metric report; one category."),
 )
 
 defs = dg.Definitions(
@@ -35,6 +37,11 @@ defs = dg.Definitions(
         "summariser": ModelRunner(role="summariser", model=os.environ.get("SREC_SUMMARISER_MODEL", DEFAULT_MODELS["summariser"]),
                                   max_new_tokens=int(os.environ.get("SREC_SUMMARY_MAX_NEW_TOKENS", "24")),
                                   max_batch_size=32),
+        # The recommender's base (tiny LLaVA by default): SFT, LoRA / QLoRA and yes/no scoring.
+        "recommender": ModelRunner(role="recommender", model=os.environ.get("SREC_RECOMMENDER_MODEL",
+                                                                           DEFAULT_MODELS["recommender"]),
+                                   max_new_tokens=24, max_batch_size=32),
+        "adapter_io_manager": AdapterIOManager(),
         "hallucination_scorer": HallucinationScorer(model=os.environ.get("SREC_CLIP_MODEL", HallucinationScorer().model)),
     },
 )

@@ -47,11 +47,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def model_resources(tiny_models) -> dict:
+def model_resources(tiny_models, tmp_path) -> dict:
     """Model resources on the tiny models, small generation budgets so tests stay fast."""
-    from resources import HallucinationScorer, ModelRunner
+    from resources import AdapterIOManager, HallucinationScorer, ModelRunner
 
     return {
+        "recommender": ModelRunner(role="recommender", model=str(tiny_models["captioner"]), max_new_tokens=8,
+                                   max_batch_size=32),
+        "adapter_io_manager": AdapterIOManager(root=str(tmp_path / "artifacts")),
         "captioner": ModelRunner(role="captioner", model=str(tiny_models["captioner"]), max_new_tokens=8,
                                  max_batch_size=32),
         "summariser": ModelRunner(role="summariser", model=str(tiny_models["summariser"]), max_new_tokens=8,

@@ -84,7 +84,7 @@ def test_broken_images_take_the_text_path_and_rematerializing_captions_nothing(
             assert rows[item][2:4] == ("text", "ok")  # no usable image: the text-only prompt, still a caption
         assert all(r[2] == "image+text" and r[3] == "ok" and not r[4] for i, r in rows.items() if i not in items[:3])
         n_users = con.execute("SELECT count(DISTINCT user_id) FROM interactions").fetchall()[0][0]
-        assert con.execute("SELECT count(*) FROM user_preferences").fetchall()[0][0] == n_users * 2 * 2
+        assert con.execute("SELECT count(*) FROM user_preferences").fetchall()[0][0] == n_users * 3 * 2  # train, valid and test targets x two modes
         con.close()
         md = result.asset_materializations_for_node("item_images")[0].metadata
         assert (md["missing"].value, md["invalid"].value, md["synthetic"].value) == (2, 1, 0)

@@ -134,6 +134,7 @@ class UserPreferencesConfig(dg.Config):
     modes: list[str] = ["recurrent", "direct"]     # 'direct' = one prompt over the whole history (ablation)
     chunk_size: int = 256                          # prompts generated and committed per chunk
     max_item_chars: int = 300
+    train_targets: int = 1                         # summaries before each user's last N training positives (SFT)
 
 
 @dg.asset(
@@ -157,7 +158,7 @@ def user_preferences(
     cfg = category_config(context)
     settings = PreferenceSettings(block_size=config.block_size, modes=tuple(config.modes),
                                   max_history=cfg.filtering.max_history, chunk_size=config.chunk_size,
-                                  max_item_chars=config.max_item_chars)
+                                  max_item_chars=config.max_item_chars, train_targets=config.train_targets)
     with storage.connect() as con:
         snapshot = caption_snapshot(con, cfg.name)
         stats = build_user_preferences(con, cfg.name, summariser.generate, summariser.identity, settings,

@@ -12,6 +12,7 @@ from srec.db import partition_content_hash, replace_partition, scalar_row
 from srec.report import REPORT_COLUMNS, compute_metric_rows, markdown_table, write_report
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.mllm import item_captions, item_images
+from srec_assets.assets.recommender import recommender_scores
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.partitions import category_config, category_partitions
 
@@ -33,6 +34,15 @@ def _mllm_inputs(con, category: str) -> dict:
     if captions:
         out["item_captions"] = "; ".join(f"{c} captions by {m} (fingerprint {f}), prompts {v}" for m, f, v, c in captions)
         out["caption_snapshot"] = caption_snapshot(con, category)
+    runs = con.execute(
+        "SELECT model, base_model, base_fingerprint, tiny_random_weights, adapter_version, valid_auc, prompt_version "
+        "FROM recommender_runs WHERE category = ? ORDER BY model", [category]).fetchall()
+    if runs:
+        out["llm_models"] = "; ".join(
+            f"`{m}`: base {b} (fingerprint {f}{', a TINY model with RANDOM weights: its numbers only show that '
+                                                'the code path works, not what an MLLM recommender achieves' if t else ''}), "
+            + (f"adapter {a} (best valid AUC {v:.4f})" if a else "no fine-tuning (zero-shot)") + f", prompts {p}"
+            for m, b, f, t, a, v, p in runs)
     return out
 
 
@@ -47,7 +57,7 @@ class ReportConfig(dg.Config):
     group_name="report",
     kinds={"duckdb", "markdown"},
     code_version="1",
-    deps=[baseline_scores, eval_candidates, interactions, item_images, item_captions],
+    deps=[baseline_scores, recommender_scores, eval_candidates, interactions, item_images, item_captions],
     description="Every model by protocol (1+20, 1+99, full ranking): mean and bootstrap 95% CI over users.",
 )
 def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, storage: SrecStorage) -> dg.MaterializeResult:

@@ -1,0 +1,81 @@
+"""The trained adapters as files: one folder per ``lora_adapter`` materialization.
+
+    <artifacts>/lora_adapter/<category>/<version>/
+        manifest.json                  base model, data hashes, caption and preference snapshots, prompt
+                                       versions, hyper-parameters, validation metrics, per variant
+        <variant slug>/                PEFT format: adapter_config.json + adapter_model.safetensors
+    <artifacts>/lora_adapter/<category>/latest.json    the version the last materialization wrote
+
+``version`` is a content hash of the adapter weights and the manifest's lineage fields, so the same
+training inputs and result give the same folder, and anything different gets a new one; old versions
+stay (the adapter a report came from can still be loaded).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+LATEST = "latest.json"
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    folder: Path                 # the version folder (or a staging folder before it is stored)
+    version: str
+    manifest: dict
+
+    def adapter_path(self, variant: str) -> Path:
+        entry = self.manifest["variants"].get(variant)
+        if entry is None:
+            raise KeyError(f"no adapter for variant {variant!r} in {self.folder} "
+                           f"(trained: {sorted(self.manifest['variants'])})")
+        return self.folder / entry["folder"]
+
+
+def content_version(folder: Path, manifest: dict) -> str:
+    """Hash of every adapter file plus the manifest's lineage fields (not its timings)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            h.update(f"{p.relative_to(folder)}\x00".encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    lineage = {k: manifest.get(k) for k in ("category", "base_model", "base_fingerprint", "data", "settings")}
+    h.update(json.dumps(lineage, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def stage(folder: Path, manifest: dict) -> AdapterSet:
+    """Finish a staging folder: write the manifest with its version."""
+    version = content_version(folder, manifest)
+    manifest = {**manifest, "version": version}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    return AdapterSet(folder, version, manifest)
+
+
+def store(staged: AdapterSet, root: Path, category: str, run_id: str | None = None) -> AdapterSet:
+    """Move a staged set to ``root/<category>/<version>`` and point ``latest.json`` at it."""
+    dest = Path(root) / category / staged.version
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staged.folder), dest)
+    (dest.parent / LATEST).write_text(json.dumps({"version": staged.version, "path": str(dest), "run_id": run_id}))
+    return AdapterSet(dest, staged.version, staged.manifest)
+
+
+def load(root: Path, category: str, version: str | None = None) -> AdapterSet:
+    base = Path(root) / category
+    if version is None:
+        pointer = base / LATEST
+        if not pointer.is_file():
+            raise FileNotFoundError(f"no lora_adapter stored for {category!r} under {base}: materialize lora_adapter")
+        version = json.loads(pointer.read_text())["version"]
+    folder = base / version
+    manifest_file = folder / MANIFEST
+    if not manifest_file.is_file():
+        raise FileNotFoundError(f"{folder} has no {MANIFEST}: not a stored lora_adapter version")
+    return AdapterSet(folder, version, json.loads(manifest_file.read_text()))

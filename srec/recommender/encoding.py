@@ -1,0 +1,230 @@
+"""Recommender prompts as token ids: the user part (prefix), the candidate part (suffix) and the answer.
+
+Every prompt goes through the model's own chat template once, rendered as text with a sentinel between
+the user part and the candidate part, then split there: the prefix (system turn, profile, preference,
+recent items) is the same for all of a user's candidates and is tokenized and encoded once; the suffix
+(candidate item, its image, the question, the assistant header) depends only on the item and the prompt
+style, so it is tokenized once per item. Training and scoring use exactly these ids:
+``prefix + suffix (+ answer)``.
+
+Answer ids come from the tokenizer, not from a guess: the template renders a conversation that ends
+with the assistant's "Yes." / "No.", the generation-prompt rendering is cut off it, and the rest is
+tokenized *after* the suffix to check it tokenizes the same alone as in context (a tokenizer that merges
+across the boundary, or a template that adds a leading space, shows up here, not as silently wrong
+scores). Scoring reads the logits of the first answer token.
+
+Truncation (``fit_prefix``) drops the oldest history lines first, then cuts the preference summary from
+its start; the candidate item and the answer are never cut. A prompt that does not fit even then is an
+error naming the user.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import srec.prompts as _prompts
+
+SENTINEL = "\u2063SREC_ITEM\u2063"  # invisible separator + a name no item text contains
+YES, NO = "Yes.", "No."
+
+
+class PromptError(ValueError):
+    """A prompt cannot be built (too long for max_length, answer tokens ambiguous ...)."""
+
+
+@dataclass(frozen=True)
+class ItemView:
+    """A candidate item as a prompt shows it."""
+    text: str                  # the lines under "Candidate item:"
+    image_path: str | None     # sent as an image part; None: no image part
+
+
+@dataclass(frozen=True)
+class UserView:
+    profile: str
+    preference: str | None     # the summary; None for preference 'none'
+    history: tuple[str, ...]   # history lines (titles), oldest first
+
+
+@dataclass
+class EncodedItem:
+    ids: list[int]
+    pixel_values: object | None  # torch tensor [1, C, H, W] or None
+
+
+@dataclass(frozen=True)
+class FittedPrefix:
+    ids: list[int]
+    text: str
+    history_kept: int
+    history_dropped: int
+    summary_cut: bool
+
+
+class PromptEncoder:
+    """Tokenizes recommender prompts for one loaded model (tokenizer or processor + chat template)."""
+
+    def __init__(self, loaded, *, max_length: int, cot: bool = False):
+        self.tokenizer = loaded.tokenizer
+        self.processor = loaded.processor
+        self.max_length = int(max_length)
+        self.cot = cot
+        self.system = _prompts.RECOMMEND_USER.system
+        self._items: dict[tuple[str, str | None, str | None], EncodedItem] = {}
+        self.answer_ids = {YES: self._answer_ids(YES), NO: self._answer_ids(NO)}
+        self.yes_id, self.no_id = self.answer_ids[YES][0], self.answer_ids[NO][0]
+        if self.yes_id == self.no_id:
+            raise PromptError(f"'Yes.' and 'No.' start with the same token id {self.yes_id}; cannot score")
+        self.answer_len = max(len(v) for v in self.answer_ids.values())
+
+    # --- rendering --------------------------------------------------------------------------------
+
+    def _messages(self, user_text: str, item: ItemView | None, item_text: str, assistant: str | None) -> list[dict]:
+        image = item is not None and item.image_path is not None
+        if self.processor is None:
+            if image:
+                raise PromptError("this recommender is a text-only causal LM; use modality 'text'")
+            content: object = user_text + SENTINEL + item_text
+            system: object = self.system
+        else:
+            content = [{"type": "text", "text": user_text + SENTINEL}]
+            if image:
+                content.append({"type": "image"})
+            content.append({"type": "text", "text": item_text})
+            system = [{"type": "text", "text": self.system}]
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+        if assistant is not None:
+            msgs.append({"role": "assistant", "content": assistant if self.processor is None
+                         else [{"type": "text", "text": assistant}]})
+        return msgs
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        owner = self.processor if self.processor is not None else self.tokenizer
+        return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def item_template(self):
+        return _prompts.RECOMMEND_COT_ITEM if self.cot else _prompts.RECOMMEND_ITEM
+
+    def render(self, user: UserView, item: ItemView, reasoning: str | None = None) -> tuple[str, str]:
+        """(prefix text, suffix text); the suffix ends where the answer's first token is predicted."""
+        user_text = user_body(user)
+        item_text = self.item_template().render(item=item.text)
+        full = self._render(self._messages(user_text, item, item_text, None), True)
+        if full.count(SENTINEL) != 1:
+            raise PromptError("the chat template dropped or repeated the user text; cannot split the prompt")
+        prefix, suffix = full.split(SENTINEL)
+        if self.cot:
+            suffix += _prompts.RECOMMEND_COT_ANSWER.render(reasoning=" ".join((reasoning or "").split()))
+        return prefix, suffix
+
+    # --- answer ids -------------------------------------------------------------------------------
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        probe_user = UserView(profile="User profile: 1 purchase.", preference=None, history=("Probe item",))
+        probe_item = ItemView(text="Title: probe", image_path=None)
+        user_text, item_text = user_body(probe_user), self.item_template().render(item=probe_item.text)
+        reasoning = _prompts.RECOMMEND_COT_ANSWER.render(reasoning="probe") if self.cot else ""
+        gen = self._render(self._messages(user_text, probe_item, item_text, None), True).replace(SENTINEL, "")
+        done = self._render(self._messages(user_text, probe_item, item_text, reasoning + (" " if self.cot else "")
+                                           + answer), False).replace(SENTINEL, "")
+        context = gen + reasoning
+        if not done.startswith(context):
+            raise PromptError("the chat template renders the assistant turn differently from its generation prompt")
+        answer_text = done[len(context):].rstrip()
+        base = self._ids(context)
+        full = self._ids(context + answer_text)
+        if full[:len(base)] != base or len(full) == len(base):
+            raise PromptError(f"the tokenizer merges the answer {answer_text!r} with the prompt before it; "
+                              "the answer's token ids would depend on the prompt")
+        # In-context ids, not self._ids(answer_text): a sentencepiece tokenizer adds a prefix space to a bare
+        # "Yes." and would give another id than the model sees after the prompt.
+        return full[len(base):]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # --- encoding ---------------------------------------------------------------------------------
+
+    def encode_item(self, suffix_text: str, image_path: str | None) -> EncodedItem:
+        key = (suffix_text, image_path, None)
+        hit = self._items.get(key)
+        if hit is not None:
+            return hit
+        if image_path is None:
+            enc = EncodedItem(self._ids(suffix_text), None)
+        else:
+            from PIL import Image  # noqa: PLC0415
+
+            with Image.open(image_path) as im:
+                image = im.convert("RGB")
+            out = self.processor(text=[suffix_text], images=[image], add_special_tokens=False, return_tensors="pt")
+            enc = EncodedItem(out["input_ids"][0].tolist(), out["pixel_values"])
+        self._items[key] = enc
+        return enc
+
+    def fit_prefix(self, user: UserView, suffix_budget: int, *, who: str) -> FittedPrefix:
+        """The longest prefix that leaves ``suffix_budget`` tokens for the candidate part and the answer."""
+        budget = self.max_length - suffix_budget
+        probe_item = ItemView(text="", image_path=None)
+
+        def prefix_ids(u: UserView) -> tuple[list[int], str]:
+            text = self.render(u, probe_item, "")[0]
+            return self._ids(text), text
+
+        n = len(user.history)
+        ids, text = prefix_ids(user)
+        if len(ids) <= budget:
+            return FittedPrefix(ids, text, n, 0, False)
+        lo, hi = 0, n  # keep the most recent k lines: find the largest k that fits
+        best: tuple[list[int], str] | None = None
+        while lo < hi:
+            k = (lo + hi + 1) // 2
+            cand = prefix_ids(UserView(user.profile, user.preference, user.history[n - k:] if k else ()))
+            if len(cand[0]) <= budget:
+                lo, best = k, cand
+            else:
+                hi = k - 1
+        if best is not None and lo > 0:
+            return FittedPrefix(best[0], best[1], lo, n - lo, False)
+        bare = UserView(user.profile, user.preference, ())
+        ids, text = prefix_ids(bare)
+        if len(ids) <= budget:
+            return FittedPrefix(ids, text, 0, n, False)
+        if user.preference:
+            words = user.preference.split()
+            lo, hi = 0, len(words) - 1  # drop the fewest leading words of the summary
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if len(prefix_ids(UserView(user.profile, "... " + " ".join(words[mid + 1:]), ()))[0]) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            cut = UserView(user.profile, "... " + " ".join(words[lo + 1:]), ())
+            ids, text = prefix_ids(cut)
+            if len(ids) <= budget:
+                return FittedPrefix(ids, text, 0, n, True)
+        raise PromptError(f"{who}: the prompt does not fit max_length={self.max_length} even without history and "
+                          f"summary ({len(ids)} prefix + {suffix_budget} item and answer tokens); raise max_length")
+
+
+def user_body(user: UserView) -> str:
+    history = "\n".join(f"{i + 1}. {line}" for i, line in enumerate(user.history)) or "(none listed)"
+    preference = f"Preference summary: {user.preference}\n" if user.preference else ""
+    return _prompts.RECOMMEND_USER.render(profile=user.profile, preference=preference, history=history)
+
+
+def pad_batch(rows: Sequence[list[int]], pad_id: int, *, left: bool):
+    """[B, L] ids and attention mask, padded on the left or the right."""
+    import torch  # noqa: PLC0415
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if left:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        else:
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+    return ids, mask

@@ -1,0 +1,228 @@
+"""LoRA / QLoRA supervised fine-tuning of the recommender on yes/no answers.
+
+- LoRA on every linear layer of the language model; the vision tower, the multimodal projector and
+  ``lm_head`` stay frozen and unadapted (``lora_target_modules``).
+- The loss is on the answer tokens only ("Yes." / "No." and the end-of-turn token the chat template puts
+  after them): rows are left-padded so the answers end every row, and only the last positions' logits
+  are computed (``answer_loss``).
+- AdamW, warmup then a linear / cosine / constant schedule, gradient accumulation, gradient clipping,
+  a seed, and early stopping on the validation AUC (scored like the test, one forward pass per
+  candidate on a shared prefix).
+- Resumable: after every epoch the adapter, optimizer, scheduler and progress go to ``work_dir/last``
+  (and the best adapter so far to ``work_dir/best``); a rerun with the same run key resumes there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from srec.recommender.encoding import EncodedItem, pad_batch
+from srec.recommender.settings import RecommenderSettings
+
+# Module-name parts of the parts LoRA never touches: vision encoders and projectors of the common MLLMs
+# (LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics3 / SmolVLM, PaliGemma ...) and the output head.
+FROZEN_PARTS = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "connector",
+                "merger", "image_newline", "lm_head", "vision_embed", "embed_vision")
+
+
+def lora_target_modules(model) -> list[str]:
+    """Full names of the language model's linear layers (bitsandbytes 4/8-bit linears included)."""
+    import torch  # noqa: PLC0415
+
+    names = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if any(p in FROZEN_PARTS for p in parts):
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.append(name)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no language-model linear layer to adapt")
+    return names
+
+
+@dataclass
+class TrainRow:
+    ids: list[int]             # prefix + suffix + answer
+    answer_len: int            # the last answer_len ids are the answer (the loss covers only these)
+    pixel_values: object | None
+
+
+def make_row(prefix_ids: Sequence[int], item: EncodedItem, answer_ids: Sequence[int]) -> TrainRow:
+    return TrainRow(list(prefix_ids) + list(item.ids) + list(answer_ids), len(answer_ids), item.pixel_values)
+
+
+def answer_labels(rows: Sequence[TrainRow], width: int):
+    """[B, width] label ids for the last ``width`` positions: answer tokens, -100 (ignored) elsewhere."""
+    import torch  # noqa: PLC0415
+
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        labels[i, width - r.answer_len:] = torch.tensor(r.ids[-r.answer_len:])
+    return labels
+
+
+def batch_inputs(rows: Sequence[TrainRow], pad_id: int, device, dtype) -> dict:
+    import torch  # noqa: PLC0415
+
+    ids, mask = pad_batch([r.ids for r in rows], pad_id, left=True)
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
+    pix = [r.pixel_values for r in rows if r.pixel_values is not None]
+    if pix:
+        inputs["pixel_values"] = torch.cat(pix).to(device=device, dtype=dtype)
+    return inputs
+
+
+def answer_loss(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
+    """Mean cross-entropy over the answer tokens of a batch; nothing else contributes."""
+    import torch  # noqa: PLC0415
+
+    width = max(r.answer_len for r in rows)
+    out = model(**batch_inputs(rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
+    logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1: these predict the last `width`
+    labels = answer_labels(rows, width).to(device)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100)
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int = 0
+    best_epoch: int = 0                       # 0: no epoch beat the base model's validation AUC
+    best_valid_auc: float = float("nan")
+    base_valid_auc: float = float("nan")      # the untrained model (epoch 0)
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, valid AUC, seconds
+    resumed_from_epoch: int = 0
+    stopped_early: bool = False
+    train_examples: int = 0
+    train_tokens_per_epoch: int = 0
+    seconds: float = 0.0
+    trainable_parameters: int = 0
+    target_modules: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(rows: Sequence[TrainRow], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Shuffled batches of similar-length rows (less padding), the batch order shuffled too."""
+    order = rng.permutation(len(rows))
+    window = batch_size * 32
+    batches: list[list[int]] = []
+    for s in range(0, len(order), window):
+        chunk = sorted(order[s:s + window].tolist(), key=lambda i: len(rows[i].ids))
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], float], settings: RecommenderSettings,
+               *, pad_id: int, device, dtype, work_dir: Path, run_key: str, quantized: bool = False,
+               log: Callable[[str], None] = print) -> tuple[object, TrainResult]:
+    """Wrap ``model`` with LoRA, train on ``rows``, early-stop on ``validate(model)`` (validation AUC).
+
+    Returns the PEFT model holding the *best* epoch's adapter (or the untrained one, when no epoch beat
+    the base model) and what happened. ``work_dir/best`` holds that adapter in PEFT format.
+    """
+    import torch  # noqa: PLC0415
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+    from transformers import get_scheduler  # noqa: PLC0415
+
+    if not rows:
+        raise ValueError("no training rows")
+    started = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    targets = lora_target_modules(model)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha,
+                                                  lora_dropout=settings.lora_dropout, target_modules=targets,
+                                                  bias="none"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    result = TrainResult(train_examples=len(rows), train_tokens_per_epoch=sum(len(r.ids) for r in rows),
+                         trainable_parameters=sum(p.numel() for p in params), target_modules=len(targets))
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(rows) / settings.batch_size) / settings.grad_accumulation)
+    total = steps_per_epoch * settings.epochs
+    scheduler = get_scheduler(settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
+
+    work_dir = Path(work_dir)
+    last, best = work_dir / "last", work_dir / "best"
+    state_file = last / "trainer_state.pt"
+    start_epoch = 1
+    if state_file.is_file():
+        state = torch.load(state_file, weights_only=False)
+        if state.get("run_key") == run_key:
+            set_peft_model_state_dict(peft_model, load_file(last / "adapter_model.safetensors"))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            for k in ("best_epoch", "best_valid_auc", "base_valid_auc", "history", "stopped_early"):
+                setattr(result, k, state[k])
+            start_epoch = state["epoch"] + 1
+            result.resumed_from_epoch = state["epoch"]
+            log(f"resuming from epoch {state['epoch']} (best valid AUC {state['best_valid_auc']:.4f})")
+        else:
+            log("a checkpoint from another configuration was found; starting over")
+            shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    if start_epoch == 1:
+        peft_model.eval()
+        result.base_valid_auc = validate(peft_model)  # LoRA B starts at zero: this is the base model
+        result.best_valid_auc = result.base_valid_auc
+        peft_model.save_pretrained(best)
+        log(f"epoch 0 (no training): valid AUC {result.base_valid_auc:.4f}")
+
+    since_best = sum(1 for h in result.history if h["epoch"] > result.best_epoch)
+    for epoch in range(start_epoch, settings.epochs + 1):
+        if result.stopped_early:
+            break
+        t0 = time.perf_counter()
+        peft_model.train()
+        rng = np.random.default_rng(settings.seed + epoch)
+        losses = []
+        optimizer.zero_grad(set_to_none=True)
+        batches = _batches(rows, settings.batch_size, rng)
+        for i, idx in enumerate(batches):
+            loss = answer_loss(peft_model, [rows[j] for j in idx], pad_id, device, dtype)
+            (loss / settings.grad_accumulation).backward()
+            losses.append(float(loss.detach()))
+            if (i + 1) % settings.grad_accumulation == 0 or i + 1 == len(batches):
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        peft_model.eval()
+        auc = validate(peft_model)
+        improved = auc > result.best_valid_auc
+        result.history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": auc,
+                               "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)})
+        log(f"epoch {epoch}/{settings.epochs}: train loss {np.mean(losses):.4f}, valid AUC {auc:.4f}"
+            + (" (best)" if improved else ""))
+        if improved:
+            result.best_epoch, result.best_valid_auc, since_best = epoch, auc, 0
+            peft_model.save_pretrained(best)
+        else:
+            since_best += 1
+        if settings.patience and since_best >= settings.patience:
+            result.stopped_early = True
+        peft_model.save_pretrained(last)
+        torch.save({"run_key": run_key, "epoch": epoch, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), **{k: getattr(result, k) for k in (
+                        "best_epoch", "best_valid_auc", "base_valid_auc", "history", "stopped_early")}},
+                   state_file)
+    result.epochs_run = len(result.history)
+    set_peft_model_state_dict(peft_model, load_file(best / "adapter_model.safetensors"))
+    peft_model.eval()
+    result.seconds = time.perf_counter() - started
+    (work_dir / "train_result.json").write_text(json.dumps(result.as_dict(), indent=1))
+    return peft_model, result

@@ -1,0 +1,272 @@
+"""The MLLM recommender: sft_examples -> lora_adapter -> recommender_scores (logic in srec.recommender)."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from resources import ModelRunner, SrecStorage
+from srec.captions import caption_snapshot
+from srec.db import partition_content_hash, replace_partition
+from srec.recommender import artifacts
+from srec.recommender import pipeline as rec
+from srec.recommender.data import variant_needs
+from srec.recommender.settings import RecommenderSettings, Variant
+from srec_assets.assets.mllm import item_captions, item_images, user_preferences
+from srec_assets.assets.sequences import eval_candidates, interactions
+from srec_assets.partitions import category_config, category_partitions
+
+
+class RecommenderConfig(dg.Config):
+    """Run-config overrides of the category's ``recommender:`` settings (data/categories.yaml), which override
+    srec.recommender.RecommenderSettings. Give the same variants to all three assets."""
+
+    variants: list[str] | None = None      # e.g. ["lora:fused+recurrent", "lora:text+none", "zero-shot"]
+    negatives_per_positive: int | None = None
+    history_items: int | None = None
+    max_length: int | None = None
+    learning_rate: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    grad_accumulation: int | None = None
+    patience: int | None = None
+    valid_users: int | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    lr_schedule: str | None = None
+    protocols: list[str] | None = None
+    score_batch_size: int | None = None
+
+
+def recommender_settings(context, config: RecommenderConfig) -> RecommenderSettings:
+    cfg = category_config(context)
+    try:
+        return RecommenderSettings.from_mapping(cfg.recommender, **config.model_dump())
+    except ValueError as e:
+        raise dg.Failure(f"recommender settings for {cfg.name!r}: {e}") from e
+
+
+def _check_cuda(settings: RecommenderSettings, recommender: ModelRunner) -> None:
+    """QLoRA loads the base in 4 bits through bitsandbytes: refuse before any work when there is no CUDA."""
+    from srec.models.runner import ModelLoadError, resolve_device  # noqa: PLC0415
+
+    qlora = [v.name for v in settings.parsed_variants if v.adapter == "qlora"]
+    if qlora:
+        try:
+            device = resolve_device(recommender.device)
+        except ModelLoadError as e:
+            raise dg.Failure(str(e)) from e
+        if not device.startswith("cuda"):
+            raise dg.Failure(f"variants {qlora} are QLoRA: a 4-bit NF4 base through bitsandbytes needs CUDA, and this "
+                             f"run's device is {device!r}. Run them on a GPU machine, or use 'lora:' variants on CPU.")
+
+
+@dg.asset(
+    partitions_def=category_partitions,
+    group_name="recommender",
+    kinds={"duckdb", "transformers"},
+    code_version="1",
+    deps=[user_preferences, item_captions, item_images, interactions],
+    description=("Per training target: the instruction (profile + preference + recent items + candidate image and "
+                 "caption) and the answer Yes./No., negatives balanced, for each trained variant's prompt style."),
+)
+def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, storage: SrecStorage,
+                 recommender: ModelRunner) -> dg.MaterializeResult:
+    cfg = category_config(context)
+    settings = recommender_settings(context, config)
+    _check_cuda(settings, recommender)
+    with storage.connect() as con:
+        stats = rec.build_sft_examples(con, cfg.name, recommender.loaded, settings, seed=cfg.seed,
+                                       log=context.log.info)
+        version = partition_content_hash(con, "sft_examples", cfg.name)
+        sample = con.execute(
+            "SELECT style, label, prefix_text || suffix_text || ' -> ' || answer AS prompt FROM sft_examples "
+            "WHERE category = ? ORDER BY user_id, style, label DESC LIMIT 2", [cfg.name]).fetch_df()
+    return dg.MaterializeResult(
+        metadata={
+            "rows": stats.rows, "styles": dg.MetadataValue.json(stats.styles), "training_targets": stats.targets,
+            "positives": stats.positives, "negatives_low_rating": stats.low_rating,
+            "negatives_sampled": stats.sampled, "prompts_truncated": stats.truncated_prompts,
+            "summaries_cut": stats.summary_cut, "max_prompt_tokens": stats.max_prompt_tokens,
+            "mean_prompt_tokens": round(stats.mean_prompt_tokens, 1), "seconds": round(stats.seconds, 1),
+            "recommender": recommender.model,
+            "example": dg.MetadataValue.md("\n\n".join(f"**{r.style}, label {r.label}**\n\n```\n{r.prompt}\n```"
+                                                       for r in sample.itertuples())),
+        },
+        data_version=dg.DataVersion(version),
+    )
+
+
+@dg.asset(
+    partitions_def=category_partitions,
+    group_name="recommender",
+    kinds={"pytorch", "peft"},
+    code_version="1",
+    io_manager_key="adapter_io_manager",
+    deps=[sft_examples, eval_candidates, user_preferences, item_captions],
+    description=("A LoRA (or QLoRA) adapter per trained variant, loss on the answer tokens, early-stopped on "
+                 "validation AUC; PEFT format with a manifest (base model, data hashes, snapshots, prompts, "
+                 "hyper-parameters, validation metrics)."),
+)
+def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, storage: SrecStorage,
+                 recommender: ModelRunner) -> dg.Output:
+    cfg = category_config(context)
+    settings = recommender_settings(context, config)
+    _check_cuda(settings, recommender)
+    trained = [v for v in settings.parsed_variants if v.trains]
+    root = storage.artifact_dir("lora_adapter", cfg.name)
+    staging = root / f"_staging-{context.run.run_id}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    with storage.connect() as con:
+        data = {
+            "sft_examples": partition_content_hash(con, "sft_examples", cfg.name),
+            "eval_candidates": partition_content_hash(con, "eval_candidates", cfg.name),
+            "interactions": partition_content_hash(con, "interactions", cfg.name),
+            "caption_snapshot": caption_snapshot(con, cfg.name),
+            "preference_snapshot": partition_content_hash(con, "user_preferences", cfg.name),
+        }
+        captioners = con.execute("SELECT DISTINCT model, model_fingerprint, prompt_version FROM item_captions "
+                                 "WHERE category = ?", [cfg.name]).fetchall()
+        summarisers = con.execute("SELECT DISTINCT mode, model, model_fingerprint, prompt_version FROM "
+                                  "user_preferences WHERE category = ?", [cfg.name]).fetchall()
+        entries, base = {}, None
+        for variant in trained:
+            loaded = recommender.load_fresh(quantization="4bit" if variant.adapter == "qlora"
+                                            else recommender.quantization)
+            base = loaded
+            slug = rec.variant_slug(variant)
+            context.log.info(f"training {variant.name} on {loaded.describe()['parameters']:,}-parameter "
+                             f"{recommender.model} ({loaded.device}, {loaded.dtype})")
+            done = rec.train_variant(con, cfg.name, variant, loaded, settings, seed=cfg.seed, out_dir=staging / slug,
+                                     work_dir=root / "_work" / slug, data_key=json.dumps(data, sort_keys=True),
+                                     log=context.log.info)
+            entries[variant.name] = {"folder": slug, "prompt_version": done.prompt_version,
+                                     "valid_users": done.valid_users, **done.result.as_dict()}
+    describe = base.describe() if base else recommender.runner_settings().__dict__
+    manifest = {
+        "category": cfg.name,
+        "base_model": recommender.model,
+        "base_fingerprint": describe.get("fingerprint"),
+        "tiny_random_weights": bool(base and rec.is_tiny_model(base.folder)),
+        "device": describe.get("resolved_device"),
+        "dtype": describe.get("resolved_dtype"),
+        "data": data,
+        "captions": [{"model": m, "fingerprint": f, "prompt_version": p} for m, f, p in captioners],
+        "preferences": [{"mode": mo, "model": m, "fingerprint": f, "prompt_version": p} for mo, m, f, p in summarisers],
+        "settings": settings.training_json() | {"seed": cfg.seed},
+        "variants": entries,
+        "dagster_run_id": context.run.run_id,
+        "created_at": time.time(),
+        "validation": "AUC on the stored valid 1+20 candidates" + (
+            f" of {settings.valid_users} seeded users" if settings.valid_users else " of every user"),
+    }
+    staged = artifacts.stage(staging, manifest)
+    with storage.connect() as con:
+        history = pd.DataFrame([{"category": cfg.name, "version": staged.version, "run_id": context.run.run_id,
+                                 "created_at": manifest["created_at"], "variant": name, "valid_auc": e["best_valid_auc"],
+                                 "base_valid_auc": e["base_valid_auc"], "best_epoch": e["best_epoch"]}
+                                for name, e in entries.items()], columns=ADAPTER_HISTORY_COLUMNS)
+        _append_history(con, history)
+    table = pd.DataFrame([{"variant": k, "valid AUC (best)": round(e["best_valid_auc"], 4),
+                           "valid AUC (base)": round(e["base_valid_auc"], 4), "best epoch": e["best_epoch"],
+                           "epochs": e["epochs_run"], "examples": e["train_examples"],
+                           "seconds": round(e["seconds"], 1)} for k, e in entries.items()])
+    return dg.Output(
+        staged,
+        metadata={
+            "version": staged.version,
+            "base_model": recommender.model,
+            "tiny_random_weights": manifest["tiny_random_weights"],
+            "variants": dg.MetadataValue.md(table.to_markdown(index=False) if len(table) else "_none trained_"),
+            "valid_auc": dg.MetadataValue.json({k: e["best_valid_auc"] for k, e in entries.items()}),
+            "caption_snapshot": data["caption_snapshot"],
+            "preference_snapshot": data["preference_snapshot"],
+            "manifest": dg.MetadataValue.json(json.loads(json.dumps(manifest, default=str))),
+        },
+        data_version=dg.DataVersion(staged.version),
+    )
+
+
+ADAPTER_HISTORY_COLUMNS = ["category", "version", "run_id", "created_at", "variant", "valid_auc", "base_valid_auc",
+                           "best_epoch"]
+
+
+def _append_history(con, frame: pd.DataFrame) -> None:
+    con.register("_srec_adapter_history", frame)
+    try:
+        con.execute("INSERT INTO lora_adapter_history BY NAME SELECT * FROM _srec_adapter_history")
+    finally:
+        con.unregister("_srec_adapter_history")
+
+
+@dg.asset(
+    partitions_def=category_partitions,
+    group_name="recommender",
+    kinds={"duckdb", "pytorch"},
+    code_version="1",
+    deps=[eval_candidates, user_preferences, item_captions, item_images],
+    description=("P(yes) / (P(yes) + P(no)) at the answer position for every stored test candidate, one forward "
+                 "pass, the user's prompt prefix encoded once; one model name per variant, zero-shot included."),
+)
+def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderConfig, storage: SrecStorage,
+                       recommender: ModelRunner, lora_adapter: artifacts.AdapterSet) -> dg.MaterializeResult:
+    from peft import PeftModel  # noqa: PLC0415
+
+    cfg = category_config(context)
+    settings = recommender_settings(context, config)
+    _check_cuda(settings, recommender)
+    frames, runs, summary = [], [], []
+    with storage.connect() as con:
+        needs = variant_needs(settings.parsed_variants)
+        for variant in settings.parsed_variants:
+            loaded = recommender.load_fresh(quantization="4bit" if variant.adapter == "qlora"
+                                            else recommender.quantization)
+            tiny = rec.is_tiny_model(loaded.folder)
+            entry, model, path = None, loaded.model, None
+            if variant.trains:
+                try:
+                    path = lora_adapter.adapter_path(variant.name)
+                except KeyError as e:
+                    raise dg.Failure(f"{e}: materialize lora_adapter with the same variants") from e
+                entry = lora_adapter.manifest["variants"][variant.name]
+                if lora_adapter.manifest.get("base_fingerprint") != loaded.fingerprint:
+                    raise dg.Failure(f"adapter {lora_adapter.version} was trained on base fingerprint "
+                                     f"{lora_adapter.manifest.get('base_fingerprint')}, the recommender is "
+                                     f"{loaded.fingerprint}: retrain lora_adapter")
+                model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
+            name = rec.report_model_name(variant, recommender.model, tiny)
+            frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
+                                              log=context.log.info)
+            frames.append(frame)
+            runs.append({"category": cfg.name, "model": name, "variant": variant.name,
+                         "base_model": recommender.model, "base_fingerprint": loaded.fingerprint,
+                         "tiny_random_weights": tiny, "adapter_path": str(path) if path else None,
+                         "adapter_version": lora_adapter.version if path else None,
+                         "valid_auc": entry["best_valid_auc"] if entry else None,
+                         "prompt_version": rec.style_prompt_versions(variant), "device": loaded.device,
+                         "rows": scored.rows, "seconds": scored.seconds})
+            summary.append({"model": name, "users": scored.users, "rows": scored.rows,
+                            **{f"test AUC {p}": round(a, 4) for p, a in scored.auc.items()},
+                            "candidates/s": round(scored.candidates_per_second, 1)})
+        rows = rec.write_scores(con, cfg.name, pd.concat(frames, ignore_index=True))
+        run_frame = pd.DataFrame(runs)
+        con.register("_srec_rec_runs", run_frame)
+        try:
+            replace_partition(con, "recommender_runs", cfg.name, "SELECT * FROM _srec_rec_runs")
+        finally:
+            con.unregister("_srec_rec_runs")
+        version = partition_content_hash(con, "recommender_scores", cfg.name)
+    return dg.MaterializeResult(
+        metadata={"rows": rows, "models": dg.MetadataValue.md(pd.DataFrame(summary).to_markdown(index=False)),
+                  "adapter_version": lora_adapter.version, "protocols": dg.MetadataValue.json(list(settings.protocols)),
+                  "preference_modes": dg.MetadataValue.json(sorted(needs)),
+                  "scoring": "one forward pass per candidate batch on the user's cached prompt prefix; "
+                             "P(yes)/(P(yes)+P(no)) at the answer position"},
+        data_version=dg.DataVersion(version),
+    )

@@ -1,0 +1,188 @@
+"""The recommender's plain logic on the tiny LLaVA: prompts, answer ids, truncation, loss mask, scoring, adapters."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srec.models.runner import LoadedModel, ModelLoadError, RunnerSettings
+from srec.recommender.encoding import NO, YES, ItemView, PromptEncoder, PromptError, UserView
+from srec.recommender.scoring import mean_auc, score_naive, score_shared_prefix
+from srec.recommender.settings import RecommenderSettings, Variant
+from srec.recommender.training import answer_labels, answer_loss, batch_inputs, lora_target_modules, make_row
+
+TITLES = ["Philips Sonicare Brush Heads", "OPI Nail Lacquer, Big Apple Red", "Neutrogena Hydro Boost Gel",
+          "Maybelline Great Lash Mascara", "CeraVe Moisturizing Cream", "Revlon Colorstay Foundation"]
+
+
+@pytest.fixture(scope="module")
+def llava(tiny_models):
+    return LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
+
+
+@pytest.fixture
+def images(tmp_path) -> list[str]:
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"item{i}.png"
+        Image.new("RGB", (40 + i, 30), (40 * i, 200 - 30 * i, 90)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def _user(n_history: int = 4) -> UserView:
+    return UserView(profile="User profile: 5 purchases.", preference="Likes nail polish and skin care.",
+                    history=tuple(f"{TITLES[i % len(TITLES)]} #{i}" for i in range(n_history)))
+
+
+def _items(images: list[str]) -> list[ItemView]:
+    with_image = [ItemView(f"Title: {t}\nDescription: a product", images[i % len(images)]) for i, t in enumerate(TITLES)]
+    text_only = [ItemView(f"Title: {t} (text only)", None) for t in TITLES[:3]]
+    return with_image + text_only
+
+
+def _encode(encoder: PromptEncoder, user: UserView, items: list[ItemView], budget: int | None = None):
+    suffixes = [encoder.render(user, it)[1] for it in items]
+    encoded = [encoder.encode_item(s, it.image_path) for s, it in zip(suffixes, items)]
+    need = max(len(e.ids) for e in encoded) + encoder.answer_len if budget is None else budget
+    return encoder.fit_prefix(user, need, who="test user"), encoded
+
+
+def test_variants_parse_and_reject_unknown_values():
+    assert Variant.parse("zero-shot") == Variant("zero-shot", "fused", "recurrent", False)
+    assert Variant.parse("qlora:text+none+cot").name == "qlora:text+none+cot"
+    assert Variant.parse("image+direct").adapter == "lora"
+    for bad in ("lora:audio+recurrent", "lora:fused", "fine:fused+recurrent"):
+        with pytest.raises(ValueError, match="variant"):
+            Variant.parse(bad)
+    with pytest.raises(ValueError, match="repeat"):
+        RecommenderSettings(variants=("lora:fused+recurrent", "fused+recurrent"))
+    with pytest.raises(ValueError, match="unknown recommender settings"):
+        RecommenderSettings.from_mapping({"lora_rank": 8})
+
+
+def test_answer_ids_are_what_the_tokenizer_produces_in_context(llava):
+    for cot in (False, True):
+        enc = PromptEncoder(llava, max_length=1024, cot=cot)
+        prefix, suffix = enc.render(_user(), ItemView("Title: x", None), "it matches" if cot else None)
+        for answer in (YES, NO):
+            ids = enc.answer_ids[answer]
+            full = llava.tokenizer(prefix + suffix + (" " if cot else "") + answer + llava.tokenizer.eos_token,
+                                   add_special_tokens=False)["input_ids"]
+            assert full[-len(ids):] == ids
+        assert enc.yes_id != enc.no_id
+        assert llava.tokenizer.decode([enc.yes_id]).strip().startswith("Yes")
+        assert llava.tokenizer.decode([enc.no_id]).strip().startswith("No")
+
+
+def test_prompt_splits_into_shared_prefix_and_item_suffix(llava, images):
+    enc = PromptEncoder(llava, max_length=1024)
+    user = _user()
+    p1, s1 = enc.render(user, ItemView("Title: a", images[0]))
+    p2, s2 = enc.render(user, ItemView("Title: b", None))
+    assert p1 == p2 and "Likes nail polish" in p1 and "Title: a" not in p1
+    assert "<image>" in s1 and "<image>" not in s2 and s1.endswith("<|assistant|>\n")
+    whole = llava.processor.apply_chat_template(
+        [{"role": "system", "content": [{"type": "text", "text": enc.system}]},
+         {"role": "user", "content": [{"type": "text", "text": p1.split("<|user|>\n", 1)[1]}, {"type": "image"},
+                                      {"type": "text", "text": s1.split("<image>\n", 1)[1].split("</s>")[0]}]}],
+        tokenize=False, add_generation_prompt=True)
+    assert whole == p1 + s1  # the split prompt is exactly the chat template's rendering
+
+
+def test_truncation_drops_the_oldest_history_never_the_item_or_answer(llava, images):
+    enc = PromptEncoder(llava, max_length=1024)
+    user = _user(40)
+    full, encoded = _encode(enc, user, _items(images))
+    assert full.history_dropped == 0
+    need = max(len(e.ids) for e in encoded) + enc.answer_len
+    small = PromptEncoder(llava, max_length=len(full.ids) - 60 + need)
+    fitted, _ = _encode(small, user, _items(images))
+    assert 0 < fitted.history_kept < 40 and fitted.history_kept + fitted.history_dropped == 40
+    assert f"#{39}" in fitted.text and "#0\n" not in fitted.text  # the most recent stay, the oldest go
+    assert len(fitted.ids) + need <= small.max_length
+    tight = PromptEncoder(llava, max_length=need + 5)
+    with pytest.raises(PromptError, match="test user.*does not fit"):
+        _encode(tight, user, _items(images))
+
+
+def test_shared_prefix_scores_equal_a_full_forward_per_candidate(llava, images):
+    enc = PromptEncoder(llava, max_length=1024)
+    fitted, encoded = _encode(enc, _user(6), _items(images))
+    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": llava.device, "dtype": llava.dtype}
+    shared = score_shared_prefix(llava.model, fitted.ids, encoded, pad_id=llava.tokenizer.pad_token_id,
+                                 batch_size=4, **kw)  # several batches, rows of different lengths
+    naive = score_naive(llava.model, fitted.ids, encoded, **kw)
+    assert np.all((shared > 0) & (shared < 1))
+    np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
+    assert np.ptp(naive) > 1e-6  # candidates really differ, so agreement is not trivial
+
+
+def test_loss_covers_only_the_answer_tokens(llava, images):
+    enc = PromptEncoder(llava, max_length=1024)
+    fitted, encoded = _encode(enc, _user(), _items(images)[:4])
+    rows = [make_row(fitted.ids, e, enc.answer_ids[YES if i % 2 else NO]) for i, e in enumerate(encoded)]
+    width = max(r.answer_len for r in rows)
+    labels = answer_labels(rows, width)
+    for r, lab in zip(rows, labels):
+        kept = lab[lab != -100].tolist()
+        assert kept == r.ids[-r.answer_len:] and len(kept) == r.answer_len  # the answer, nothing before it
+    # The loss equals cross-entropy over exactly those tokens of a full forward's logits.
+    loss = answer_loss(llava.model, rows, llava.tokenizer.pad_token_id, llava.device, llava.dtype)
+    inputs = batch_inputs(rows, llava.tokenizer.pad_token_id, llava.device, llava.dtype)
+    with torch.no_grad():
+        logits = llava.model(**inputs).logits
+    targets = inputs["input_ids"].clone()
+    mask = torch.zeros_like(targets, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        mask[i, -r.answer_len:] = True
+    pred = logits[:, :-1][mask[:, 1:]]
+    manual = torch.nn.functional.cross_entropy(pred.float(), targets[mask])
+    assert abs(loss.item() - manual.item()) < 1e-5
+
+
+def test_lora_targets_the_language_model_only(llava):
+    names = lora_target_modules(llava.model)
+    assert names and all(".language_model." in n for n in names)
+    assert not any(p in n for n in names for p in ("vision_tower", "multi_modal_projector", "lm_head"))
+    assert {n.rsplit(".", 1)[1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"}
+
+
+def test_saved_adapter_reloads_with_peft_and_reproduces_scores(tiny_models, images, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
+    enc = PromptEncoder(base, max_length=1024)
+    fitted, encoded = _encode(enc, _user(), _items(images))
+    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": base.device, "dtype": base.dtype,
+          "pad_id": base.tokenizer.pad_token_id, "batch_size": 8}
+    before = score_shared_prefix(base.model, fitted.ids, encoded, **kw)
+    peft = get_peft_model(base.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,
+                                                 target_modules=lora_target_modules(base.model)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # as if trained: the adapter changes the scores
+    peft.eval()
+    trained = score_shared_prefix(peft, fitted.ids, encoded, **kw)
+    assert np.abs(trained - before).max() > 1e-3
+    peft.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+    fresh = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
+    reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(score_shared_prefix(reloaded, fitted.ids, encoded, **kw), trained, atol=1e-6)
+
+
+def test_qlora_on_cpu_is_a_clear_error(tiny_models):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: 4-bit loading is allowed")
+    with pytest.raises(ModelLoadError, match="bitsandbytes, which needs CUDA"):
+        LoadedModel(RunnerSettings(model=str(tiny_models["captioner"]), quantization="4bit"))
+
+
+def test_mean_auc_counts_ties_half():
+    scores = np.array([[0.9, 0.1, 0.2], [0.1, 0.5, 0.1], [0.3, 0.3, 0.3]])
+    assert mean_auc(scores, 3) == pytest.approx((1.0 + 0.25 + 0.5) / 3)
+
