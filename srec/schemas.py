@@ -206,6 +206,7 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
     sampled = [pa.Check.isin(list(PROTOCOLS_SAMPLED))]
     k_max = max(PROTOCOLS_SAMPLED.values())
     unit = [pa.Check.in_range(0.0, 1.0)]
+    unit_or_null = [pa.Check(lambda v: v.isna() | v.between(0.0, 1.0), name="in_range_0_1_or_null")]
     return {
         "raw_reviews": {
             "user_id": [_non_empty_str()], "item_id": [_non_empty_str()], "rating": rating,
@@ -258,7 +259,7 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
         },
         "recommender_runs": {
             "model": [_non_empty_str()], "variant": [_non_empty_str()], "base_model": [_non_empty_str()],
-            "base_fingerprint": [_non_empty_str()], "valid_auc": unit, "prompt_version": [_non_empty_str()],
+            "base_fingerprint": [_non_empty_str()], "valid_auc": unit_or_null, "prompt_version": [_non_empty_str()],
             "device": [_non_empty_str()], "rows": [pa.Check.ge(1)], "seconds": [_finite(), pa.Check.ge(0)],
         },
         "lora_adapter_history": {

@@ -16,7 +16,11 @@ from srec_assets.definitions import ALL_ASSETS
 
 FAST_BASELINES = {"ops": {"baseline_scores": {"config": {"max_epochs": 3, "patience": 2}}}}
 # The direct (one long prompt) summaries are covered on a smaller category in test_mllm_assets.
-FAST_RUN = {"ops": {**FAST_BASELINES["ops"], "user_preferences": {"config": {"modes": ["recurrent"]}}}}
+# One short epoch of the main variant and the zero-shot base: the wiring, not the quality (tests/test_recommender*).
+FAST_RECOMMENDER = {"config": {"variants": ["lora:fused+recurrent", "zero-shot"], "epochs": 1, "valid_users": 50}}
+FAST_RUN = {"ops": {**FAST_BASELINES["ops"], "user_preferences": {"config": {"modes": ["recurrent"]}},
+                    "sft_examples": FAST_RECOMMENDER, "lora_adapter": FAST_RECOMMENDER,
+                    "recommender_scores": FAST_RECOMMENDER}}
 
 
 def _check_results(result) -> dict[str, bool]:
@@ -45,14 +49,18 @@ def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
 
         mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
         for key in ("raw_reviews", "interactions", "eval_candidates", "item_images", "item_captions",
-                    "user_preferences", "baseline_scores", "metric_report"):
+                    "user_preferences", "sft_examples", "lora_adapter", "recommender_scores", "baseline_scores",
+                    "metric_report"):
             assert key in mats
         images_md = result.asset_materializations_for_node("item_images")[0].metadata
         assert images_md["synthetic"].value == images_md["items"].value == 2596  # placeholders, and says so
         captions_md = result.asset_materializations_for_node("item_captions")[0].metadata
         assert (captions_md["new"].value, captions_md["failed"].value) == (2596, 0)
         prefs_md = result.asset_materializations_for_node("user_preferences")[0].metadata
-        assert prefs_md["rows"].value == prefs_md["ok"].value == 1065 * 2  # users x (valid, test), recurrent
+        # users x (last train positive, valid, test), recurrent
+        assert prefs_md["rows"].value == prefs_md["ok"].value == 1065 * 3
+        sft_md = result.asset_materializations_for_node("sft_examples")[0].metadata
+        assert sft_md["rows"].value == 1065 * 2 and sft_md["negatives_sampled"].value == 1065
         assert prefs_md["caption_snapshot"].value == captions_md["caption_snapshot"].value
         ingest_md = result.asset_materializations_for_node("raw_reviews")[0].metadata
         assert ingest_md["rows_read"].value == ingest_md["rows_kept"].value + ingest_md["rows_quarantined"].value
@@ -66,8 +74,12 @@ def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
     report_dir = tmp_path / "reports" / "beauty"
     rows = json.loads((report_dir / "metric_report.json").read_text())
     assert {"model", "protocol", "metric", "value", "ci_low", "ci_high", "n_users"} <= set(rows[0])
-    assert {r["model"] for r in rows} == {"popularity", "sasrec", "gru4rec"}
+    llm = {r["model"] for r in rows if r["model"].startswith("LLM ")}
+    assert llm == {"LLM lora:fused+recurrent @ tiny-llava (tiny, random weights)",
+                   "LLM zero-shot:fused+recurrent @ tiny-llava (tiny, random weights)"}
+    assert {r["model"] for r in rows} - llm == {"popularity", "sasrec", "gru4rec"}
     assert {r["protocol"] for r in rows} == {"1+20", "1+99", "full_ranking"}
+    assert {r["protocol"] for r in rows if r["model"] in llm} == {"1+20"}
     assert (report_dir / "metric_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "full_ranking" in (report_dir / "metric_report.md").read_text() or "Full ranking" in (
         report_dir / "metric_report.md"

@@ -38,9 +38,10 @@ def _mllm_inputs(con, category: str) -> dict:
         "SELECT model, base_model, base_fingerprint, tiny_random_weights, adapter_version, valid_auc, prompt_version "
         "FROM recommender_runs WHERE category = ? ORDER BY model", [category]).fetchall()
     if runs:
+        tiny_note = (", a TINY model with RANDOM weights: its numbers only show that the code path works, "
+                     "not what an MLLM recommender achieves")
         out["llm_models"] = "; ".join(
-            f"`{m}`: base {b} (fingerprint {f}{', a TINY model with RANDOM weights: its numbers only show that '
-                                                'the code path works, not what an MLLM recommender achieves' if t else ''}), "
+            f"`{m}`: base {b} (fingerprint {f}{tiny_note if t else ''}), "
             + (f"adapter {a} (best valid AUC {v:.4f})" if a else "no fine-tuning (zero-shot)") + f", prompts {p}"
             for m, b, f, t, a, v, p in runs)
     return out

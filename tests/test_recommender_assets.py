@@ -1,0 +1,101 @@
+"""sft_examples -> lora_adapter -> recommender_scores -> metric_report through Dagster, on 25 real users."""
+import json
+
+import dagster as dg
+import duckdb
+import pytest
+from peft import PeftModel
+
+from srec.models.runner import LoadedModel, RunnerSettings
+from srec.recommender import artifacts
+from srec_assets.assets.baselines import baseline_scores
+from srec_assets.assets.ingest import raw_items, raw_reviews
+from srec_assets.assets.mllm import item_captions, item_images, user_preferences
+from srec_assets.assets.recommender import lora_adapter, recommender_scores, sft_examples
+from srec_assets.assets.report import metric_report
+from srec_assets.assets.sequences import eval_candidates, interactions
+from srec_assets.checks import ALL_CHECKS
+from tests.test_mllm_assets import scientific_with_images  # noqa: F401 (fixture)
+
+ASSETS = [raw_reviews, raw_items, interactions, eval_candidates, item_images, item_captions, user_preferences,
+          sft_examples, lora_adapter, recommender_scores, baseline_scores, metric_report]
+NAMES = {a.key.path[0] for a in ASSETS}
+CHECKS = [c for c in ALL_CHECKS if all(k.asset_key.path[0] in NAMES for k in c.check_keys)]
+VARIANTS = ["lora:fused+recurrent", "lora:text+none", "zero-shot"]
+REC = {"variants": VARIANTS, "epochs": 2, "batch_size": 4, "patience": 0}
+RUN_CONFIG = {"ops": {
+    "sft_examples": {"config": REC}, "lora_adapter": {"config": REC}, "recommender_scores": {"config": REC},
+    "user_preferences": {"config": {"modes": ["recurrent"]}},
+    "baseline_scores": {"config": {"max_epochs": 1, "models": ["popularity"]}},
+}}
+
+
+def _checks(result) -> dict[str, bool]:
+    return {e.event_specific_data.check_name: e.event_specific_data.passed for e in result.all_events
+            if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+
+
+@pytest.mark.slow
+def test_recommender_assets_train_score_and_report(scientific_with_images, storage, model_resources, tmp_path):
+    resources = {"storage": storage, **model_resources}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                                run_config=RUN_CONFIG)
+        assert result.success
+        checks = _checks(result)
+        assert all(v for k, v in checks.items() if k != "caption_hallucination"), checks
+        assert "adapter_not_worse_than_previous" in checks
+
+        con = duckdb.connect(storage.database, read_only=True)
+        n_train = con.execute("SELECT count(*) FROM user_preferences WHERE split = 'train' AND mode = 'recurrent'"
+                              ).fetchall()[0][0]
+        styles = dict(con.execute("SELECT style, count(*) FROM sft_examples GROUP BY 1").fetchall())
+        assert styles == {"fused+recurrent": 2 * n_train, "text+none": 2 * n_train}  # 1:1 negatives
+        assert con.execute("SELECT count(*) FROM sft_examples WHERE label = 1 AND answer = 'Yes.' "
+                           "AND label_source = 'target'").fetchall()[0][0] == 2 * n_train
+        # text+none shows no image and no summary; fused+recurrent shows both
+        assert con.execute("SELECT count(*) FROM sft_examples WHERE style = 'text+none' AND "
+                           "(image_path IS NOT NULL OR prefix_text LIKE '%Preference summary%')").fetchall()[0][0] == 0
+        assert con.execute("SELECT count(*) FROM sft_examples WHERE style = 'fused+recurrent' AND "
+                           "prefix_text NOT LIKE '%Preference summary%'").fetchall()[0][0] == 0
+
+        models = [r[0] for r in con.execute("SELECT DISTINCT model FROM recommender_scores ORDER BY 1").fetchall()]
+        assert len(models) == 3 and all("tiny, random weights" in m and "tiny-llava" in m for m in models)
+        n_test = con.execute("SELECT count(*) FROM eval_candidates WHERE split = 'test' AND protocol = '1+20'"
+                             ).fetchall()[0][0]
+        assert con.execute("SELECT count(*) FROM recommender_scores").fetchall()[0][0] == 3 * n_test
+        con.close()
+
+        # The adapter: stored through the IO manager in PEFT format, with a manifest naming its inputs.
+        out = result.output_for_node("lora_adapter")
+        assert isinstance(out, artifacts.AdapterSet)
+        stored = artifacts.load(tmp_path / "artifacts" / "lora_adapter", "beauty")
+        assert stored.version == out.version
+        m = stored.manifest
+        assert set(m["variants"]) == {"lora:fused+recurrent", "lora:text+none"}
+        caps = result.asset_materializations_for_node("item_captions")[0]
+        assert m["data"]["caption_snapshot"] == caps.metadata["caption_snapshot"].value
+        assert m["captions"][0]["prompt_version"].startswith("caption_")
+        assert m["tiny_random_weights"] is True and m["settings"]["lora_r"] == 16
+        assert all(v["epochs_run"] == 2 and len(v["history"]) == 2 for v in m["variants"].values())
+        # PeftModel.from_pretrained loads it.
+        base = LoadedModel(RunnerSettings(model=model_resources["recommender"].model))
+        PeftModel.from_pretrained(base.model, str(stored.adapter_path("lora:text+none")))
+
+        report = json.loads((tmp_path / "reports" / "beauty" / "metric_report.json").read_text())
+        llm_rows = [r for r in report if r["model"].startswith("LLM ")]
+        assert {r["protocol"] for r in llm_rows} == {"1+20"}
+        assert {r["metric"] for r in llm_rows} >= {"AUC", "HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR@5",
+                                                    "MRR@10"}
+        md = (tmp_path / "reports" / "beauty" / "metric_report.md").read_text()
+        assert "RANDOM weights" in md and "zero-shot" in md
+
+        # Retrain: a second adapter is compared with the first by the regression check.
+        again = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                               run_config={"ops": {"lora_adapter": RUN_CONFIG["ops"]["lora_adapter"]}},
+                               selection=dg.AssetSelection.assets(lora_adapter))
+        assert again.success
+        ev = [e for e in again.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+              and e.event_specific_data.check_name == "adapter_not_worse_than_previous"][0]
+        meta = ev.event_specific_data.metadata
+        assert meta["previous_version"].value == out.version
