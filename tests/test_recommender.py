@@ -186,3 +186,41 @@ def test_mean_auc_counts_ties_half():
     scores = np.array([[0.9, 0.1, 0.2], [0.1, 0.5, 0.1], [0.3, 0.3, 0.3]])
     assert mean_auc(scores, 3) == pytest.approx((1.0 + 0.25 + 0.5) / 3)
 
+
+
+def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path):
+    from srec.recommender.training import train_lora
+
+    settings = RecommenderSettings(epochs=3, batch_size=4, patience=0, learning_rate=5e-3)
+    calls = {"n": 0}
+
+    def rows_and_model():
+        base = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
+        enc = PromptEncoder(base, max_length=1024)
+        fitted, encoded = _encode(enc, _user(), _items(images))
+        rows = [make_row(fitted.ids, e, enc.answer_ids[YES if i % 3 == 0 else NO]) for i, e in enumerate(encoded)]
+        return base, rows
+
+    def validate(model):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 0, epoch 1, then "killed" while validating epoch 2
+            raise KeyboardInterrupt
+        return 0.5 + 0.01 * calls["n"]
+
+    base, rows = rows_and_model()
+    kw = {"pad_id": base.tokenizer.pad_token_id, "device": base.device, "dtype": base.dtype,
+          "work_dir": tmp_path / "work", "run_key": "k1", "log": lambda m: None}
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(base.model, rows, validate, settings, **kw)
+    assert (tmp_path / "work" / "last" / "trainer_state.pt").is_file()
+
+    base, rows = rows_and_model()
+    _, result = train_lora(base.model, rows, validate, settings, **kw)
+    assert result.resumed_from_epoch == 1
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.epochs_run == 3
+    assert result.best_epoch == 3  # validation kept improving
+
+    base, rows = rows_and_model()  # another configuration: starts over instead of resuming
+    _, other = train_lora(base.model, rows, validate, RecommenderSettings(epochs=1, batch_size=4, patience=0),
+                          **{**kw, "run_key": "k2"})
+    assert other.resumed_from_epoch == 0 and other.epochs_run == 1
