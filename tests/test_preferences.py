@@ -66,6 +66,12 @@ class Echo:
 
 # --- fixtures -----------------------------------------------------------------------------------
 
+
+def EvalTargets(**kw) -> PreferenceSettings:  # noqa: N802
+    """Settings for the valid / test targets only: the SFT train targets are covered by the asset tests."""
+    return PreferenceSettings(**{"train_targets": 0, **kw})
+
+
 def _insert(con, table: str, frame: pd.DataFrame) -> None:
     ensure_tables(con, [table])
     con.register("_t_frame", frame)
@@ -148,7 +154,8 @@ def _hand(con) -> None:
     _insert(con, "item_captions", _captions(HAND, {"A3": "A  golden\nhair oil in a glass bottle."}))
 
 
-def _build(con, category, gen, settings=PreferenceSettings(), identity=IDENT, **kw):
+def _build(con, category, gen, settings=None, identity=IDENT, **kw):
+    settings = settings or EvalTargets()
     return build_user_preferences(con, category, gen, identity, settings, caption_snapshot=SNAP, run_id="r1", **kw)
 
 
@@ -200,7 +207,7 @@ def test_recurrent_prompts_chain_summaries_and_direct_is_one_prompt(con, beauty_
     _build(con, CAT, gen)
     sent, cache = set(gen.prompts), _cache(con)
     rows = _rows(con, CAT).set_index(["user_id", "split", "mode"])
-    for ch in plan_preferences(con, CAT, IDENT, PreferenceSettings()):
+    for ch in plan_preferences(con, CAT, IDENT, EvalTargets()):
         n = len(ch.history_item_ids)
         prompts_ = _chain_prompts(ch, cache)
         assert set(prompts_) <= sent  # every prompt of the chain was really sent to the model
@@ -226,7 +233,7 @@ def test_recurrent_prompts_chain_summaries_and_direct_is_one_prompt(con, beauty_
 def test_item_lines_use_caption_else_title(con, beauty_data):
     _, _, raw_items, captions, failed_caption = beauty_data
     _beauty(con, beauty_data)
-    chains = plan_preferences(con, CAT, IDENT, PreferenceSettings(modes=("direct",)))
+    chains = plan_preferences(con, CAT, IDENT, EvalTargets(modes=("direct",)))
     lines = "\n".join(ch.steps[0].lines for ch in chains)
     titles = raw_items.set_index("item_id")["title"]
     captioned = set(captions["item_id"])
@@ -250,7 +257,7 @@ def test_no_summary_or_prompt_mentions_the_target_or_a_later_item(con, beauty_da
     titles = raw_items.set_index("item_id")["title"].map(lambda t: " ".join(str(t).split()))
     summaries = _rows(con, CAT).set_index(["user_id", "split", "mode"])["summary"]
     checked = 0
-    for ch in plan_preferences(con, CAT, IDENT, PreferenceSettings()):
+    for ch in plan_preferences(con, CAT, IDENT, EvalTargets()):
         items = seqs[ch.user_id]
         text = "\n".join(_chain_prompts(ch, cache)) + "\n" + summaries[(ch.user_id, ch.split, ch.mode)]
         allowed = items[:ch.target_seq_index]
@@ -275,7 +282,7 @@ def test_temporal_lines_only_with_timestamps_and_never_the_target_date(con):
     _build(con, HAND, gen)
     cache = _cache(con)
     rows = _rows(con, HAND).set_index(["user_id", "split", "mode"])
-    chains = {(c.user_id, c.split, c.mode): c for c in plan_preferences(con, HAND, IDENT, PreferenceSettings())}
+    chains = {(c.user_id, c.split, c.mode): c for c in plan_preferences(con, HAND, IDENT, EvalTargets())}
     date = lambda day: pd.Timestamp(T0 + day * DAY, unit="s").strftime("%Y-%m-%d")  # noqa: E731
 
     ch = chains[("u1", "valid", "direct")]
@@ -307,7 +314,7 @@ def test_temporal_lines_only_with_timestamps_and_never_the_target_date(con):
 
 def test_profile(con):
     _hand(con)
-    chains = {(c.user_id, c.split, c.mode): c for c in plan_preferences(con, HAND, IDENT, PreferenceSettings())}
+    chains = {(c.user_id, c.split, c.mode): c for c in plan_preferences(con, HAND, IDENT, EvalTargets())}
     p = chains[("u1", "valid", "direct")].profile
     assert p.startswith("User profile: 4 purchases over 30 days (median gap 10 days)")
     assert "favourite categories: Lipstick (2), Lip Liner (1), Oils (1)" in p
@@ -331,7 +338,7 @@ def test_profile(con):
 
 def test_max_history_cuts_to_the_most_recent_items(con, beauty_data):
     seqs = _beauty(con, beauty_data)
-    _build(con, CAT, Echo(), PreferenceSettings(max_history=4, modes=("recurrent",)))
+    _build(con, CAT, Echo(), EvalTargets(max_history=4, modes=("recurrent",)))
     rows = _rows(con, CAT)
     assert (rows["history_items"] <= 4).all() and (rows["blocks"] <= 2).all()
     for r in rows.itertuples():
@@ -354,7 +361,7 @@ def test_empty_history_raises_naming_the_user(con):
 # --- execution order, batching, sharing -------------------------------------------------------------
 
 def test_rounds_batch_across_users_and_the_per_user_loop_gives_identical_rows(tmp_path, beauty_data):
-    settings = PreferenceSettings(chunk_size=16)
+    settings = EvalTargets(chunk_size=16)
     a = duckdb.connect(str(tmp_path / "a.duckdb"))
     _beauty(a, beauty_data)
     batched = Echo()
@@ -391,8 +398,8 @@ def test_rounds_batch_across_users_and_the_per_user_loop_gives_identical_rows(tm
 
 def test_valid_and_test_chains_share_leading_blocks(con, beauty_data):
     _beauty(con, beauty_data)
-    stats = _build(con, CAT, Echo(), PreferenceSettings(modes=("recurrent",)))
-    planned = plan_preferences(con, CAT, IDENT, PreferenceSettings(modes=("recurrent",)))
+    stats = _build(con, CAT, Echo(), EvalTargets(modes=("recurrent",)))
+    planned = plan_preferences(con, CAT, IDENT, EvalTargets(modes=("recurrent",)))
     chains = {(c.user_id, c.split): c for c in planned}
     shared = 0
     for (user, split), v in chains.items():
@@ -446,7 +453,7 @@ def test_other_prompt_version_regenerates_only_its_steps(con, beauty_data, monke
     nxt = prompts.PREFERENCE_NEXT_BLOCK
     monkeypatch.setattr(prompts, "PREFERENCE_NEXT_BLOCK", prompts.PromptTemplate(
         name=nxt.name, revision=2, system=nxt.system, template=nxt.template.replace("Update", "Revise")))
-    chains = plan_preferences(con, CAT, IDENT, PreferenceSettings())
+    chains = plan_preferences(con, CAT, IDENT, EvalTargets())
     later = {st.key for ch in chains for st in ch.steps if st.prev_key is not None}
     gen = Echo()
     stats = _build(con, CAT, gen)
@@ -461,7 +468,7 @@ def test_other_prompt_version_regenerates_only_its_steps(con, beauty_data, monke
 
 
 def test_killed_run_resumes_from_committed_chunks(tmp_path, beauty_data):
-    settings = PreferenceSettings(chunk_size=8)
+    settings = EvalTargets(chunk_size=8)
     con = duckdb.connect(str(tmp_path / "a.duckdb"))
     _beauty(con, beauty_data)
     with pytest.raises(Interrupted):
@@ -495,7 +502,7 @@ def test_failing_requests_fail_their_chains_only(con, beauty_data, cross_user_ba
                if not any(titles[i][:60] in t for j, t in titles.items() if j != i))
     bad_title = titles[bad][:60]
     gen = Echo(fail_on=bad_title)
-    stats = _build(con, CAT, gen, PreferenceSettings(chunk_size=16), cross_user_batching=cross_user_batching)
+    stats = _build(con, CAT, gen, EvalTargets(chunk_size=16), cross_user_batching=cross_user_batching)
     rows = _rows(con, CAT)
     has_bad = rows["history_item_ids"].map(lambda h: bad in json.loads(h))
     assert has_bad.sum() >= 4 and (~has_bad).sum() > 0
@@ -530,7 +537,7 @@ def test_malformed_model_output_fails_only_the_request(con):
             return ["not a result"]
         return [GenerationResult("fine", 1)]
 
-    stats = _build(con, HAND, gen, PreferenceSettings(chunk_size=4))
+    stats = _build(con, HAND, gen, EvalTargets(chunk_size=4))
     rows = _rows(con, HAND).set_index(["user_id", "split", "mode"])
     assert (rows.loc["u1", "status"] == "ok").all() and (rows.loc["u1", "summary"] == "fine").all()
     assert rows.loc["u2", "reason"].str.endswith("ValueError: empty generation").all()
@@ -544,7 +551,7 @@ def test_settings_are_checked():
     for bad in (dict(block_size=0), dict(modes=()), dict(modes=("recurrent", "recurrent")), dict(modes=("x",)),
                 dict(chunk_size=0), dict(max_history=0), dict(max_item_chars=5)):
         with pytest.raises(ValueError):
-            PreferenceSettings(**bad)
-    assert PreferenceSettings(modes=["direct"]).modes == ("direct",)
+            EvalTargets(**bad)
+    assert EvalTargets(modes=["direct"]).modes == ("direct",)
     with pytest.raises(ValueError, match="caption_snapshot"):
-        build_user_preferences(None, "c", Echo(), IDENT, PreferenceSettings(), caption_snapshot="")
+        build_user_preferences(None, "c", Echo(), IDENT, EvalTargets(), caption_snapshot="")

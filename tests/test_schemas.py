@@ -101,6 +101,31 @@ GOOD: dict[str, dict[str, list]] = {
         "model": ["m", "m"], "model_fingerprint": ["f", "f"], "prompt_version": ["p", "p"], "run_id": [None, "r"],
         "created_at": [1.7e9, 1.7e9],
     },
+    "sft_examples": {
+        "category": ["c", "c"], "style": ["fused+recurrent"] * 2, "user_id": ["u", "u"], "target_seq_index": [4, 4],
+        "item_id": ["B004756YJA", "B0009P4PZC"], "label": [1, 0], "label_source": ["target", "sampled"],
+        "answer": ["Yes.", "No."], "prefix_text": ["<s><|system|>...", "<s><|system|>..."],
+        "suffix_text": ["Candidate item:...", "Candidate item:..."], "image_path": ["/i/a.png", None],
+        "reasoning": [None, None], "history_kept": [3, 3], "history_dropped": [0, 0], "summary_cut": [False, False],
+        "prompt_tokens": [310, 305], "prompt_version": ["p", "p"], "model": ["m", "m"], "model_fingerprint": ["f", "f"],
+    },
+    "recommender_scores": {
+        "category": ["c", "c"], "model": ["LLM lora:fused+recurrent @ m"] * 2, "split": ["test", "test"],
+        "protocol": ["1+20", "1+20"], "user_id": ["u", "u"], "slot": [0, 1], "item_id": ["B004756YJA", "B0009P4PZC"],
+        "score": [0.61, 0.2],
+    },
+    "recommender_runs": {
+        "category": ["c", "c"], "model": ["LLM lora:fused+recurrent @ m", "LLM zero-shot:fused+recurrent @ m"],
+        "variant": ["lora:fused+recurrent", "zero-shot:fused+recurrent"], "base_model": ["m", "m"],
+        "base_fingerprint": ["f", "f"], "tiny_random_weights": [True, True], "adapter_path": ["/a/x", None],
+        "adapter_version": ["v1", None], "valid_auc": [0.55, None], "prompt_version": ["p", "p"],
+        "device": ["cpu", "cpu"], "rows": [21, 21], "seconds": [1.5, 1.2],
+    },
+    "lora_adapter_history": {
+        "category": ["c", "c"], "version": ["v1", "v2"], "run_id": ["r1", "r2"], "created_at": [1.7e9, 1.8e9],
+        "variant": ["lora:fused+recurrent"] * 2, "valid_auc": [0.55, 0.56], "base_valid_auc": [0.5, 0.5],
+        "best_epoch": [2, 0],
+    },
 }
 
 # table -> (column, bad value, row, check name expected in the failure cases)
