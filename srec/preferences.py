@@ -56,6 +56,7 @@ import duckdb
 import pandas as pd
 
 import srec.prompts as _prompts
+from srec.prompts import clean_text, cut_text
 from srec.db import ensure_tables, replace_partition
 from srec.models.generation import GenerateFn, GenerationRequest, GenerationResult, ModelIdentity
 
@@ -152,19 +153,12 @@ def step_request(step: PreferenceStep, summaries: Mapping[str, str]) -> Generati
 
 # --- reading the inputs ---------------------------------------------------------------------------
 
-def _clean(v: object) -> str | None:
-    if not isinstance(v, str):
-        return None
-    s = " ".join(v.split())
-    return s or None
 
 
-def _cut(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 3].rstrip() + "..."
 
 
 def _item_text(title: object, brand: object, caption: object, max_chars: int) -> str:
-    name, br, cap = _clean(title), _clean(brand), _clean(caption)
+    name, br, cap = clean_text(title), clean_text(brand), clean_text(caption)
     if cap:
         text = f"{name}: {cap}" if name else cap
     elif name:
@@ -173,12 +167,12 @@ def _item_text(title: object, brand: object, caption: object, max_chars: int) ->
         text = f"(no description; brand: {br})"
     else:
         text = "(no description)"
-    return _cut(text, max_chars)
+    return cut_text(text, max_chars)
 
 
 def _leaf_categories(categories: object) -> tuple[str, ...]:
     """'A > B > C | D > E' -> ('C', 'E'): the most specific category of each path, distinct."""
-    s = _clean(categories)
+    s = clean_text(categories)
     if not s:
         return ()
     leaves = []
@@ -249,7 +243,7 @@ def _load(con: duckdb.DuckDBPyConnection, category: str, settings: PreferenceSet
     ).fetch_df()
 
     item_info = {
-        iid: _Item(_item_text(t, b, c, settings.max_item_chars), _leaf_categories(cats), _clean(b))
+        iid: _Item(_item_text(t, b, c, settings.max_item_chars), _leaf_categories(cats), clean_text(b))
         for iid, t, b, cats, c in zip(items["item_id"].tolist(), items["title"].tolist(), items["brand"].tolist(),
                                       items["categories"].tolist(), items["caption"].tolist())
     }

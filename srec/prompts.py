@@ -159,3 +159,16 @@ def item_text(title: str | None, brand: str | None = None, categories: str | Non
         d = " ".join(description.split())
         lines.append(f"Description: {d[:max_description_chars]}{'...' if len(d) > max_description_chars else ''}")
     return "\n".join(lines)
+
+
+def clean_text(v: object) -> str | None:
+    """Whitespace collapsed; None for a non-string or a blank one."""
+    if not isinstance(v, str):
+        return None
+    s = " ".join(v.split())
+    return s or None
+
+
+def cut_text(s: str, n: int) -> str:
+    """``s`` cut to at most ``n`` characters, marked with '...' when cut."""
+    return s if len(s) <= n else s[: n - 3].rstrip() + "..."

@@ -13,6 +13,8 @@ checks them in SQL over the whole partition and reports them as failure cases al
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import re
 from dataclasses import dataclass
@@ -206,7 +208,6 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
     sampled = [pa.Check.isin(list(PROTOCOLS_SAMPLED))]
     k_max = max(PROTOCOLS_SAMPLED.values())
     unit = [pa.Check.in_range(0.0, 1.0)]
-    unit_or_null = [pa.Check(lambda v: v.isna() | v.between(0.0, 1.0), name="in_range_0_1_or_null")]
     return {
         "raw_reviews": {
             "user_id": [_non_empty_str()], "item_id": [_non_empty_str()], "rating": rating,
@@ -259,7 +260,7 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
         },
         "recommender_runs": {
             "model": [_non_empty_str()], "variant": [_non_empty_str()], "base_model": [_non_empty_str()],
-            "base_fingerprint": [_non_empty_str()], "valid_auc": unit_or_null, "prompt_version": [_non_empty_str()],
+            "base_fingerprint": [_non_empty_str()], "valid_auc": unit, "prompt_version": [_non_empty_str()],
             "device": [_non_empty_str()], "rows": [pa.Check.ge(1)], "seconds": [_finite(), pa.Check.ge(0)],
         },
         "lora_adapter_history": {
@@ -319,6 +320,8 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
 
 def _wide_checks() -> dict[str, list[pa.Check]]:
     k_of = dict(PROTOCOLS_SAMPLED)
+    slot_within_protocol = _wide("slot_within_protocol", ("protocol", "slot"),
+                                 lambda d: d.slot <= d.protocol.map(k_of).fillna(-1))
     return {
         "ingest_log": [_wide("rows_read_eq_kept_plus_quarantined", ("rows_read", "rows_kept", "rows_quarantined"),
                              lambda d: d.rows_read == d.rows_kept + d.rows_quarantined)],
@@ -328,11 +331,9 @@ def _wide_checks() -> dict[str, list[pa.Check]]:
                                       lambda d: d.rows_out == d.rows_in - d.dropped)],
         "eval_candidates": [
             _wide("positive_iff_slot_0", ("slot", "is_positive"), lambda d: d.is_positive == (d.slot == 0)),
-            _wide("slot_within_protocol", ("protocol", "slot"),
-                  lambda d: d.slot <= d.protocol.map(k_of).fillna(-1)),
+            slot_within_protocol,
         ],
-        "baseline_scores": [_wide("slot_within_protocol", ("protocol", "slot"),
-                                  lambda d: d.slot <= d.protocol.map(k_of).fillna(-1))],
+        "baseline_scores": [slot_within_protocol],
         "baseline_full_ranking": [_wide("greater_plus_ties_le_negatives", ("n_greater", "n_ties", "n_negatives"),
                                         lambda d: d.n_greater + d.n_ties <= d.n_negatives)],
         "baseline_runs": [_wide("best_epoch_le_epochs_run", ("best_epoch", "epochs_run"),
@@ -352,8 +353,7 @@ def _wide_checks() -> dict[str, list[pa.Check]]:
             _wide("positive_iff_target", ("label", "label_source"),
                   lambda d: (d.label == 1) == (d.label_source == "target")),
         ],
-        "recommender_scores": [_wide("slot_within_protocol", ("protocol", "slot"),
-                                     lambda d: d.slot <= d.protocol.map(k_of).fillna(-1))],
+        "recommender_scores": [slot_within_protocol],
         "user_preferences": [
             _wide("history_before_target", ("history_last_seq_index", "target_seq_index"),
                   lambda d: d.history_last_seq_index < d.target_seq_index),
@@ -378,6 +378,8 @@ def build_schemas(settings: FilterSettings | None = None) -> dict[str, pa.DataFr
             if not col.nullable:
                 # NULLs already fail the column's not-null check; skipping pandera's per-check NA
                 # filtering saves an isna() pass per check over object columns (the dominant cost).
+                # Copies: the same Check objects (e.g. the 0..1 range) also guard nullable columns elsewhere.
+                checks = [copy.copy(c) for c in checks]
                 for c in checks:
                     c.ignore_na = False
             columns[col.name] = pa.Column(_dtype(col), checks=checks, nullable=col.nullable, coerce=False)

@@ -21,7 +21,7 @@ import duckdb
 import numpy as np
 
 from srec.db import ensure_tables
-from srec.prompts import item_text
+from srec.prompts import clean_text, cut_text, item_text
 from srec.recommender.encoding import ItemView, UserView
 from srec.recommender.settings import RecommenderSettings, Variant
 
@@ -51,15 +51,8 @@ class UserContext:
     summaries: Mapping[str, str | None]  # mode -> summary (None: that summary failed)
 
 
-def _clean(v: object) -> str | None:
-    if not isinstance(v, str):
-        return None
-    s = " ".join(v.split())
-    return s or None
 
 
-def _cut(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 3].rstrip() + "..."
 
 
 def load_items(con: duckdb.DuckDBPyConnection, category: str) -> dict[str, ItemInfo]:
@@ -77,25 +70,25 @@ def load_items(con: duckdb.DuckDBPyConnection, category: str) -> dict[str, ItemI
         """,
         [category] * 4,
     ).fetchall()
-    return {r[0]: ItemInfo(*(_clean(x) for x in r[1:6]), r[6]) for r in rows}
+    return {r[0]: ItemInfo(*(clean_text(x) for x in r[1:6]), r[6]) for r in rows}
 
 
 def item_view(info: ItemInfo, modality: str, settings: RecommenderSettings) -> ItemView:
     """The candidate as the prompt shows it: fused (image + caption), text (item text) or image only."""
     n = settings.max_item_chars
     if modality == "text":
-        return ItemView(_cut(item_text(info.title, info.brand, info.categories, info.description, n), n), None)
+        return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), None)
     if modality == "image":
         return ItemView("(shown in the image)" if info.image_path else "(no image available)", info.image_path)
     title = f"Title: {info.title or '(no title)'}"
     if info.caption:
-        return ItemView(_cut(f"{title}\nDescription: {info.caption}", n), info.image_path)
-    return ItemView(_cut(item_text(info.title, info.brand, info.categories, info.description, n), n), info.image_path)
+        return ItemView(cut_text(f"{title}\nDescription: {info.caption}", n), info.image_path)
+    return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), info.image_path)
 
 
 def history_line(info: ItemInfo | None, settings: RecommenderSettings) -> str:
     title = (info.title if info else None) or "(no title)"
-    return _cut(title, settings.max_title_chars)
+    return cut_text(title, settings.max_title_chars)
 
 
 def load_user_contexts(con: duckdb.DuckDBPyConnection, category: str, splits: Iterable[str],
@@ -200,6 +193,9 @@ def plan_sft_examples(con: duckdb.DuckDBPyConnection, category: str, settings: R
         need = k - len(negs)
         if need:
             seen = touched.get(ctx.user_id, set())
+            if len(all_items) - len(seen) < need:
+                raise RecommenderInputError(f"user {ctx.user_id!r} left fewer than {need} untouched items to sample "
+                                            "negatives from")
             picked: list[str] = []
             while len(picked) < need:  # rejection sampling: users touch a tiny share of the items
                 for i in rng.choice(all_items, size=4 * need + 8):
@@ -207,8 +203,6 @@ def plan_sft_examples(con: duckdb.DuckDBPyConnection, category: str, settings: R
                         picked.append(i)
                         if len(picked) == need:
                             break
-                if len(seen) >= len(all_items):
-                    raise RecommenderInputError(f"user {ctx.user_id!r} interacted with every item; no negatives")
             negs += [(i, "sampled") for i in picked]
         for item, source in negs:
             planned.append(PlannedExample(ctx, item, 0, source))

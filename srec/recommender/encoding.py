@@ -70,7 +70,7 @@ class PromptEncoder:
         self.max_length = int(max_length)
         self.cot = cot
         self.system = _prompts.RECOMMEND_USER.system
-        self._items: dict[tuple[str, str | None, str | None], EncodedItem] = {}
+        self._items: dict[tuple[str, str | None], EncodedItem] = {}
         self.answer_ids = {YES: self._answer_ids(YES), NO: self._answer_ids(NO)}
         self.yes_id, self.no_id = self.answer_ids[YES][0], self.answer_ids[NO][0]
         if self.yes_id == self.no_id:
@@ -131,27 +131,27 @@ class PromptEncoder:
         if not done.startswith(context):
             raise PromptError("the chat template renders the assistant turn differently from its generation prompt")
         answer_text = done[len(context):].rstrip()
-        base = self._ids(context)
-        full = self._ids(context + answer_text)
+        base = self.token_ids(context)
+        full = self.token_ids(context + answer_text)
         if full[:len(base)] != base or len(full) == len(base):
             raise PromptError(f"the tokenizer merges the answer {answer_text!r} with the prompt before it; "
                               "the answer's token ids would depend on the prompt")
-        # In-context ids, not self._ids(answer_text): a sentencepiece tokenizer adds a prefix space to a bare
+        # In-context ids, not self.token_ids(answer_text): a sentencepiece tokenizer adds a prefix space to a bare
         # "Yes." and would give another id than the model sees after the prompt.
         return full[len(base):]
 
-    def _ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # --- encoding ---------------------------------------------------------------------------------
 
     def encode_item(self, suffix_text: str, image_path: str | None) -> EncodedItem:
-        key = (suffix_text, image_path, None)
+        key = (suffix_text, image_path)
         hit = self._items.get(key)
         if hit is not None:
             return hit
         if image_path is None:
-            enc = EncodedItem(self._ids(suffix_text), None)
+            enc = EncodedItem(self.token_ids(suffix_text), None)
         else:
             from PIL import Image  # noqa: PLC0415
 
@@ -169,7 +169,7 @@ class PromptEncoder:
 
         def prefix_ids(u: UserView) -> tuple[list[int], str]:
             text = self.render(u, probe_item, "")[0]
-            return self._ids(text), text
+            return self.token_ids(text), text
 
         n = len(user.history)
         ids, text = prefix_ids(user)

@@ -27,7 +27,6 @@ from srec.recommender.data import (
     load_user_contexts,
     plan_sft_examples,
     user_view,
-    variant_needs,
 )
 from srec.recommender.encoding import NO, YES, EncodedItem, ItemView, PromptEncoder, UserView
 from srec.recommender.scoring import mean_auc, score_shared_prefix
@@ -102,9 +101,17 @@ def build_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tup
         pairs = [(u, views[i]) for u, (_, ids) in zip(users, groups) for i in ids]
         flat = iter(cot_reasoning(generate, pairs, encoder.system))
         reasons = [[next(flat) for _ in ids] for _, ids in groups]
+    suffix_of: dict[tuple[str, str | None], str] = {}  # the suffix depends on the item (and reasoning) only
+
+    def suffix(item: str, reasoning: str | None) -> str:
+        key = (item, reasoning)
+        if key not in suffix_of:
+            suffix_of[key] = encoder.render(_PROBE_USER, views[item], reasoning)[1]
+        return suffix_of[key]
+
     out = []
     for u, (ctx, ids), rs in zip(users, groups, reasons):
-        suffixes = [encoder.render(_PROBE_USER, views[i], r)[1] for i, r in zip(ids, rs)]
+        suffixes = [suffix(i, r) for i, r in zip(ids, rs)]
         encoded = [encoder.encode_item(s, views[i].image_path) for s, i in zip(suffixes, ids)]
         budget = max(len(e.ids) for e in encoded) + encoder.answer_len
         fit = encoder.fit_prefix(u, budget, who=f"user {ctx.user_id!r} ({ctx.split} target {ctx.target_item!r})")
@@ -144,11 +151,11 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
     for p in planned:
         key = (p.context.user_id, p.context.target_seq_index)
         by_ctx.setdefault(key, (p.context, []))[1].append(p)
+    groups = [(ctx, [p.item_id for p in ps]) for ctx, ps in by_ctx.values()]
     records = []
     for style in dict.fromkeys(v.style for v in trained):
         variant = Variant.parse("lora:" + style)
         encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
-        groups = [(ctx, [p.item_id for p in ps]) for ctx, ps in by_ctx.values()]
         prompts = build_prompts(encoder, variant, groups, items, settings, loaded.generate if variant.cot else None)
         version = style_prompt_versions(variant)
         for up, (_, ps) in zip(prompts, by_ctx.values()):
@@ -169,7 +176,7 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
         stats.styles.append(style)
         log(f"sft_examples {category}: style {style}: {len(prompts)} prompts")
     frame = pd.DataFrame(records, columns=SFT_COLUMNS)
-    stats.rows = _write(con, "sft_examples", category, frame, SFT_CASTS)
+    stats.rows = write_table(con, "sft_examples", category, frame, SFT_CASTS)
     if len(frame):
         stats.max_prompt_tokens = int(frame["prompt_tokens"].max())
         stats.mean_prompt_tokens = float(frame["prompt_tokens"].mean())
@@ -185,7 +192,9 @@ SFT_CASTS = {"target_seq_index": "INTEGER", "label": "TINYINT", "image_path": "V
              "prompt_tokens": "INTEGER"}
 
 
-def _write(con, table: str, category: str, frame: pd.DataFrame, casts: dict[str, str]) -> int:
+def write_table(con, table: str, category: str, frame: pd.DataFrame, casts: dict[str, str] | None = None) -> int:
+    """Replace ``category``'s rows of ``table`` with ``frame`` (columns by name; ``casts`` fix SQL types)."""
+    casts = casts or {}
     cols = ", ".join(f"{c}::{casts[c]} AS {c}" if c in casts else c for c in frame.columns)
     con.register(_T_ROWS, frame)
     try:
@@ -211,7 +220,7 @@ def load_train_rows(con, category: str, style: str, encoder: PromptEncoder, load
     out = []
     for prefix, suffix, image, answer, _ in rows:
         if prefix not in prefix_cache:
-            prefix_cache[prefix] = encoder._ids(prefix)
+            prefix_cache[prefix] = encoder.token_ids(prefix)
         out.append(make_row(prefix_cache[prefix], encoder.encode_item(suffix, image), encoder.answer_ids[answer]))
     return out
 
@@ -276,11 +285,12 @@ def run_key(*parts: object) -> str:
 
 
 def train_variant(con, category: str, variant: Variant, loaded, settings: RecommenderSettings, *, seed: int,
-                  out_dir: Path, work_dir: Path, data_key: str, log: Log = print) -> TrainedVariant:
-    """Train one variant's adapter on its style's sft_examples; the best epoch's adapter goes to ``out_dir``."""
+                  out_dir: Path, work_dir: Path, data_key: str, items: dict[str, ItemInfo],
+                  log: Log = print) -> TrainedVariant:
+    """Train one variant's adapter on its style's sft_examples; the best epoch's adapter goes to ``out_dir``.
+    ``items``: ``load_items(con, category)``."""
     encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
     rows = load_train_rows(con, category, variant.style, encoder, loaded)
-    items = load_items(con, category)
     users = validation_users(con, category, settings, seed)
     valid = eval_prompts(con, category, "valid", "1+20", variant, encoder, items, settings, users=users,
                          generate=loaded.generate if variant.cot else None)
@@ -318,11 +328,11 @@ class ScoredVariant:
 
 
 def score_variant(con, category: str, variant: Variant, loaded, model, settings: RecommenderSettings, *,
-                  model_name: str, splits: Sequence[str] = ("test",), log: Log = print) -> tuple[pd.DataFrame,
-                                                                                                 ScoredVariant]:
+                  model_name: str, items: dict[str, ItemInfo], splits: Sequence[str] = ("test",),
+                  log: Log = print) -> tuple[pd.DataFrame, ScoredVariant]:
+    """Scores of every stored candidate of ``splits`` x ``settings.protocols``; ``items``: ``load_items``."""
     t0 = time.perf_counter()
     encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
-    items = load_items(con, category)
     frames, aucs, users, n = [], {}, set(), 0
     for split in splits:
         for protocol in settings.protocols:
@@ -348,4 +358,17 @@ def score_variant(con, category: str, variant: Variant, loaded, model, settings:
 
 def write_scores(con, category: str, frame: pd.DataFrame) -> int:
     cols = ["category", "model", "split", "protocol", "user_id", "slot", "item_id", "score"]
-    return _write(con, "recommender_scores", category, frame[cols], {"slot": "INTEGER", "score": "DOUBLE"})
+    return write_table(con, "recommender_scores", category, frame[cols], {"slot": "INTEGER", "score": "DOUBLE"})
+
+
+ADAPTER_HISTORY_COLUMNS = ["category", "version", "run_id", "created_at", "variant", "valid_auc", "base_valid_auc",
+                           "best_epoch"]
+
+
+def append_adapter_history(con, frame: pd.DataFrame) -> None:
+    """Add one materialization's rows to ``lora_adapter_history`` (kept across runs, unlike a partition)."""
+    con.register("_srec_adapter_history", frame[ADAPTER_HISTORY_COLUMNS])
+    try:
+        con.execute("INSERT INTO lora_adapter_history BY NAME SELECT * FROM _srec_adapter_history")
+    finally:
+        con.unregister("_srec_adapter_history")

@@ -142,8 +142,8 @@ class RecommenderSettings:
 
     def training_json(self) -> dict:
         """The hyper-parameters that determine a trained adapter (for its manifest and checkpoint key)."""
-        keep = {f.name for f in fields(self)} - {"variants", "protocols", "score_batch_size", "valid_users"}
-        return {k: v for k, v in asdict(self).items() if k in keep} | {"valid_users": self.valid_users}
+        scoring_only = {"variants", "protocols", "score_batch_size"}
+        return {k: v for k, v in asdict(self).items() if k not in scoring_only}
 
     @classmethod
     def from_mapping(cls, raw: dict | None, **overrides) -> RecommenderSettings:

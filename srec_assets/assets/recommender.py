@@ -3,17 +3,16 @@
 import json
 import shutil
 import time
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 
 from resources import ModelRunner, SrecStorage
 from srec.captions import caption_snapshot
-from srec.db import partition_content_hash, replace_partition
+from srec.db import partition_content_hash
 from srec.recommender import artifacts
 from srec.recommender import pipeline as rec
-from srec.recommender.data import variant_needs
+from srec.recommender.data import load_items, variant_needs
 from srec.recommender.settings import RecommenderSettings, Variant
 from srec_assets.assets.mllm import item_captions, item_images, user_preferences
 from srec_assets.assets.sequences import eval_candidates, interactions
@@ -63,6 +62,11 @@ def _check_cuda(settings: RecommenderSettings, recommender: ModelRunner) -> None
         if not device.startswith("cuda"):
             raise dg.Failure(f"variants {qlora} are QLoRA: a 4-bit NF4 base through bitsandbytes needs CUDA, and this "
                              f"run's device is {device!r}. Run them on a GPU machine, or use 'lora:' variants on CPU.")
+
+
+def _load_base(recommender: ModelRunner, variant: Variant):
+    """A fresh copy of the base for one variant: 4-bit NF4 for QLoRA, as configured otherwise."""
+    return recommender.load_fresh(quantization="4bit" if variant.adapter == "qlora" else recommender.quantization)
 
 
 @dg.asset(
@@ -135,17 +139,16 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
                                  "WHERE category = ?", [cfg.name]).fetchall()
         summarisers = con.execute("SELECT DISTINCT mode, model, model_fingerprint, prompt_version FROM "
                                   "user_preferences WHERE category = ?", [cfg.name]).fetchall()
+        items = load_items(con, cfg.name)
         entries, base = {}, None
         for variant in trained:
-            loaded = recommender.load_fresh(quantization="4bit" if variant.adapter == "qlora"
-                                            else recommender.quantization)
-            base = loaded
+            loaded = base = _load_base(recommender, variant)
             slug = rec.variant_slug(variant)
             context.log.info(f"training {variant.name} on {loaded.describe()['parameters']:,}-parameter "
                              f"{recommender.model} ({loaded.device}, {loaded.dtype})")
             done = rec.train_variant(con, cfg.name, variant, loaded, settings, seed=cfg.seed, out_dir=staging / slug,
                                      work_dir=root / "_work" / slug, data_key=json.dumps(data, sort_keys=True),
-                                     log=context.log.info)
+                                     items=items, log=context.log.info)
             entries[variant.name] = {"folder": slug, "prompt_version": done.prompt_version,
                                      "valid_users": done.valid_users, **done.result.as_dict()}
     describe = base.describe() if base else recommender.runner_settings().__dict__
@@ -168,11 +171,11 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     }
     staged = artifacts.stage(staging, manifest)
     with storage.connect() as con:
-        history = pd.DataFrame([{"category": cfg.name, "version": staged.version, "run_id": context.run.run_id,
-                                 "created_at": manifest["created_at"], "variant": name, "valid_auc": e["best_valid_auc"],
-                                 "base_valid_auc": e["base_valid_auc"], "best_epoch": e["best_epoch"]}
-                                for name, e in entries.items()], columns=ADAPTER_HISTORY_COLUMNS)
-        _append_history(con, history)
+        rec.append_adapter_history(con, pd.DataFrame(
+            [{"category": cfg.name, "version": staged.version, "run_id": context.run.run_id,
+              "created_at": manifest["created_at"], "variant": name, "valid_auc": e["best_valid_auc"],
+              "base_valid_auc": e["base_valid_auc"], "best_epoch": e["best_epoch"]} for name, e in entries.items()],
+            columns=rec.ADAPTER_HISTORY_COLUMNS))
     table = pd.DataFrame([{"variant": k, "valid AUC (best)": round(e["best_valid_auc"], 4),
                            "valid AUC (base)": round(e["base_valid_auc"], 4), "best epoch": e["best_epoch"],
                            "epochs": e["epochs_run"], "examples": e["train_examples"],
@@ -193,18 +196,6 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     )
 
 
-ADAPTER_HISTORY_COLUMNS = ["category", "version", "run_id", "created_at", "variant", "valid_auc", "base_valid_auc",
-                           "best_epoch"]
-
-
-def _append_history(con, frame: pd.DataFrame) -> None:
-    con.register("_srec_adapter_history", frame)
-    try:
-        con.execute("INSERT INTO lora_adapter_history BY NAME SELECT * FROM _srec_adapter_history")
-    finally:
-        con.unregister("_srec_adapter_history")
-
-
 @dg.asset(
     partitions_def=category_partitions,
     group_name="recommender",
@@ -223,10 +214,9 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
     _check_cuda(settings, recommender)
     frames, runs, summary = [], [], []
     with storage.connect() as con:
-        needs = variant_needs(settings.parsed_variants)
+        items = load_items(con, cfg.name)
         for variant in settings.parsed_variants:
-            loaded = recommender.load_fresh(quantization="4bit" if variant.adapter == "qlora"
-                                            else recommender.quantization)
+            loaded = _load_base(recommender, variant)
             tiny = rec.is_tiny_model(loaded.folder)
             entry, model, path = None, loaded.model, None
             if variant.trains:
@@ -242,7 +232,7 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
                 model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
             name = rec.report_model_name(variant, recommender.model, tiny)
             frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
-                                              log=context.log.info)
+                                              items=items, log=context.log.info)
             frames.append(frame)
             runs.append({"category": cfg.name, "model": name, "variant": variant.name,
                          "base_model": recommender.model, "base_fingerprint": loaded.fingerprint,
@@ -255,17 +245,12 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
                             **{f"test AUC {p}": round(a, 4) for p, a in scored.auc.items()},
                             "candidates/s": round(scored.candidates_per_second, 1)})
         rows = rec.write_scores(con, cfg.name, pd.concat(frames, ignore_index=True))
-        run_frame = pd.DataFrame(runs)
-        con.register("_srec_rec_runs", run_frame)
-        try:
-            replace_partition(con, "recommender_runs", cfg.name, "SELECT * FROM _srec_rec_runs")
-        finally:
-            con.unregister("_srec_rec_runs")
+        rec.write_table(con, "recommender_runs", cfg.name, pd.DataFrame(runs))
         version = partition_content_hash(con, "recommender_scores", cfg.name)
     return dg.MaterializeResult(
         metadata={"rows": rows, "models": dg.MetadataValue.md(pd.DataFrame(summary).to_markdown(index=False)),
                   "adapter_version": lora_adapter.version, "protocols": dg.MetadataValue.json(list(settings.protocols)),
-                  "preference_modes": dg.MetadataValue.json(sorted(needs)),
+                  "preference_modes": dg.MetadataValue.json(sorted(variant_needs(settings.parsed_variants))),
                   "scoring": "one forward pass per candidate batch on the user's cached prompt prefix; "
                              "P(yes)/(P(yes)+P(no)) at the answer position"},
         data_version=dg.DataVersion(version),
