@@ -31,7 +31,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -39,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine_info import cpu_model  # bench/ is on sys.path when run as a script
+from machine_info import machine_info  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
@@ -371,16 +370,7 @@ def run_child(kind: str, data: Path, seed: int, address_space_limit: int | None 
 
 
 def machine() -> dict:
-    cpu = cpu_model()
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": mem, "python": platform.python_version(),
-            "platform": platform.platform()}
+    return machine_info()
 
 
 def versions() -> dict:

@@ -53,13 +53,12 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from machine_info import cpu_model  # bench/ is on sys.path when run as a script
+from machine_info import machine_info, torch_info  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work" / "mllm_bench"
@@ -547,24 +546,7 @@ def smoke_summary(out: dict) -> dict:
 # ------------------------------------------------------------------------------------ report
 
 def machine(threads: int, device: str) -> dict:
-    import torch
-    import transformers
-
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    d = {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": mem, "python": platform.python_version(),
-         "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
-         "torch_threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)"),
-         "device": device,
-         "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name(0)
-    return d
+    return {**machine_info(), **torch_info(device, threads)}
 
 
 def _loads(x: list) -> str:

@@ -39,14 +39,13 @@ import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine_info import cpu_model  # bench/ is on sys.path when run as a script
+from machine_info import machine_info, torch_info  # bench/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -150,24 +149,7 @@ def build_cases(users, all_items, titles, enc, image_dir: Path, seed: int):
 # ------------------------------------------------------------------------------------ timing
 
 def machine(device: str) -> dict:
-    import torch
-    import transformers
-
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    d = {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": mem, "python": platform.python_version(),
-         "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
-         "torch_threads": torch.get_num_threads(), "torch_threads_note": "left at torch's default",
-         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP default)"),
-         "device": device, "cuda_available": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        d["gpu"] = torch.cuda.get_device_name(0)
-    return d
+    return {**machine_info(), **torch_info(device), "torch_threads_note": "left at torch's default"}
 
 
 def run_way(way: str, cases, llava, enc, batch_size: int):
