@@ -138,7 +138,7 @@ def build_item_captions(
 ) -> CaptionStats:
     """Caption every item of ``category`` not yet in ``caption_cache``; write the ``item_captions`` partition."""
     settings = settings or CaptionSettings()
-    ensure_tables(con, ["caption_cache", "item_captions"])
+    ensure_tables(con, ["caption_cache", "item_captions", "caption_snapshots"])
     plan = plan_captions(caption_inputs(con, category), identity, settings)
     stats = CaptionStats(items=len(plan))
     cached_keys = {r[0] for r in con.execute(
@@ -176,6 +176,7 @@ def build_item_captions(
         if progress:
             progress(f"caption chunk {stats.chunks} committed: {start + len(chunk)}/{len(todo)} items to generate")
     _write_captions(con, category, plan, failures, generated_keys, identity, clip_score, clip_model, stats)
+    record_caption_snapshot(con, category, stats.snapshot, run_id)
     stats.failures = dict(list(failures.items())[:20])
     return stats
 
@@ -231,3 +232,31 @@ CAPTION_CONTENT_COLUMNS = ("item_id", "cache_key", "caption", "status", "modalit
 def caption_snapshot(con: duckdb.DuckDBPyConnection, category: str) -> str:
     """Content hash of the category's captions: the snapshot id (and DataVersion) lineage refers to."""
     return partition_content_hash(con, "item_captions", category, CAPTION_CONTENT_COLUMNS)
+
+
+def record_caption_snapshot(con: duckdb.DuckDBPyConnection, category: str, snapshot: str | None = None,
+                            run_id: str | None = None) -> int:
+    """Append the partition's item -> caption membership to ``caption_snapshots`` under ``snapshot`` (its
+    current content hash, computed when not given), unless that snapshot is recorded already; returns the rows
+    added (0 when it was).
+
+    ``item_captions`` keeps only the latest snapshot; this table keeps every one, so the captions an older
+    adapter was trained on can still be listed (their text stays in ``caption_cache`` by ``cache_key``).
+    """
+    ensure_tables(con, ["caption_snapshots"])
+    snapshot = snapshot or caption_snapshot(con, category)
+    before = scalar_row(con, "SELECT count(*) FROM caption_snapshots WHERE category = ? AND snapshot = ?",
+                        [category, snapshot])[0]
+    if before:
+        return 0
+    con.execute(
+        """
+        INSERT INTO caption_snapshots BY NAME
+        SELECT category, ?::VARCHAR AS snapshot, item_id, cache_key, status, modality, model, model_fingerprint,
+               prompt_version, ?::VARCHAR AS run_id, ?::DOUBLE AS recorded_at
+        FROM item_captions WHERE category = ?
+        """,
+        [snapshot, run_id, time.time(), category],
+    )
+    return int(scalar_row(con, "SELECT count(*) FROM caption_snapshots WHERE category = ? AND snapshot = ?",
+                          [category, snapshot])[0])

@@ -57,7 +57,7 @@ import pandas as pd
 
 import srec.prompts as _prompts
 from srec.prompts import clean_text, cut_text
-from srec.db import ensure_tables, replace_partition
+from srec.db import ensure_tables, partition_content_hash, replace_partition, scalar_row
 from srec.models.generation import GenerateFn, GenerationRequest, GenerationResult, ModelIdentity
 
 MODES = ("recurrent", "direct")
@@ -116,6 +116,7 @@ class PreferenceStats:
     generate_seconds: float = 0.0  # inside ``generate``
     prompts_per_second: float = 0.0  # generated / seconds
     cross_user_batching: bool = True
+    snapshot: str = ""           # content hash of the partition: its DataVersion (preference_snapshot)
 
 
 @dataclass(frozen=True)
@@ -645,6 +646,40 @@ def build_user_preferences(
     if stats.rows != len(frame) or stats.rows != stats.ok + stats.failed:
         raise AssertionError(f"user_preferences for {category!r}: wrote {stats.rows} rows for {len(frame)} chains "
                              f"(ok {stats.ok}, failed {stats.failed})")
+    stats.snapshot = preference_snapshot(con, category)
+    record_preference_snapshot(con, category, stats.snapshot, run_id)
     stats.seconds = time.perf_counter() - t0
     stats.prompts_per_second = stats.generated / stats.seconds if stats.seconds > 0 else 0.0
     return stats
+
+
+# --- snapshots (lineage) --------------------------------------------------------------------------
+
+# What a row says (not how it was produced, e.g. from_cache): the columns the snapshot id hashes.
+PREFERENCE_CONTENT_COLUMNS = ("user_id", "split", "mode", "cache_key", "summary", "status", "profile")
+
+
+def preference_snapshot(con: duckdb.DuckDBPyConnection, category: str) -> str:
+    """Content hash of the category's preference summaries: the snapshot id (and DataVersion) lineage refers to."""
+    return partition_content_hash(con, "user_preferences", category, PREFERENCE_CONTENT_COLUMNS)
+
+
+def record_preference_snapshot(con: duckdb.DuckDBPyConnection, category: str, snapshot: str | None = None,
+                               run_id: str | None = None) -> int:
+    """Append the partition's rows (which summary, by ``cache_key``, each user x split x mode x target had) to
+    ``preference_snapshots`` under ``snapshot`` unless it is recorded already; returns the rows added."""
+    ensure_tables(con, ["preference_snapshots"])
+    snapshot = snapshot or preference_snapshot(con, category)
+    count_sql = "SELECT count(*) FROM preference_snapshots WHERE category = ? AND snapshot = ?"
+    if scalar_row(con, count_sql, [category, snapshot])[0]:
+        return 0
+    con.execute(
+        """
+        INSERT INTO preference_snapshots BY NAME
+        SELECT category, ?::VARCHAR AS snapshot, user_id, split, mode, target_seq_index, cache_key, status, model,
+               model_fingerprint, prompt_version, caption_snapshot, ?::VARCHAR AS run_id, ?::DOUBLE AS recorded_at
+        FROM user_preferences WHERE category = ?
+        """,
+        [snapshot, run_id, time.time(), category],
+    )
+    return int(scalar_row(con, count_sql, [category, snapshot])[0])

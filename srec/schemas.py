@@ -62,10 +62,13 @@ UNIQUE_KEYS: dict[str, list[tuple[tuple[str, ...], str]]] = {
     "user_preferences": [(("user_id", "split", "mode", "target_seq_index"), ""),
                          (("user_id", "split", "mode"), "split <> 'train'")],
     "preference_cache": [(("cache_key",), "")],
+    "caption_snapshots": [(("snapshot", "item_id"), "")],
+    "preference_snapshots": [(("snapshot", "user_id", "split", "mode", "target_seq_index"), "")],
     "sft_examples": [(("style", "user_id", "target_seq_index", "item_id"), "")],
     "recommender_scores": [(("model", "split", "protocol", "user_id", "slot"), "")],
     "recommender_runs": [(("model",), "")],
     "lora_adapter_history": [(("version", "variant", "run_id"), "")],
+    "adapter_promotions": [(("run_id", "variant"), "")],
 }
 IMAGE_STATUSES = ("ok", "missing", "invalid")
 IMAGE_SOURCES = ("path", "url", "placeholder", "none")
@@ -267,6 +270,11 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
             "version": [_non_empty_str()], "created_at": [_finite()], "variant": [_non_empty_str()],
             "valid_auc": unit, "base_valid_auc": unit, "best_epoch": [pa.Check.ge(0)],
         },
+        "adapter_promotions": {
+            "run_id": [_non_empty_str()], "decided_at": [_finite()], "candidate_version": [_non_empty_str()],
+            "variant": [_non_empty_str()], "candidate_valid_auc": unit, "current_valid_auc": unit,
+            "margin": [pa.Check.in_range(0.0, 1.0)], "reason": [_non_empty_str()],
+        },
         "baseline_full_ranking": {
             "model": [_non_empty_str()], "split": eval_split, "user_id": [_non_empty_str()],
             "item_id": [_non_empty_str()], "n_greater": [pa.Check.ge(0)], "n_ties": [pa.Check.ge(0)],
@@ -314,6 +322,20 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
         "preference_cache": {
             "cache_key": [_non_empty_str()], "generated_tokens": [pa.Check.ge(0)], "model": [_non_empty_str()],
             "model_fingerprint": [_non_empty_str()], "prompt_version": [_non_empty_str()], "created_at": [_finite()],
+        },
+        "caption_snapshots": {
+            "snapshot": [_non_empty_str()], "item_id": [_non_empty_str()], "cache_key": [_non_empty_str()],
+            "status": [pa.Check.isin(["ok", "failed"])], "modality": [pa.Check.isin(list(CAPTION_MODALITIES))],
+            "model": [_non_empty_str()], "model_fingerprint": [_non_empty_str()],
+            "prompt_version": [_non_empty_str()], "recorded_at": [_finite()],
+        },
+        "preference_snapshots": {
+            "snapshot": [_non_empty_str()], "user_id": [_non_empty_str()], "split": [pa.Check.isin(list(SPLITS))],
+            "mode": [pa.Check.isin(list(PREFERENCE_MODES))], "target_seq_index": [pa.Check.ge(1)],
+            "cache_key": [_non_empty_str()], "status": [pa.Check.isin(["ok", "failed"])],
+            "model": [_non_empty_str()], "model_fingerprint": [_non_empty_str()],
+            "prompt_version": [_non_empty_str()], "caption_snapshot": [_non_empty_str()],
+            "recorded_at": [_finite()],
         },
     }
 

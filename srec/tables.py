@@ -201,6 +201,39 @@ TABLES: dict[str, str] = {
         run_id VARCHAR,
         created_at DOUBLE NOT NULL   -- unix seconds
     """,
+    # Append-only: which caption (cache_key) each item had in every caption snapshot ever materialized, so the
+    # captions an old adapter was trained on stay answerable after item_captions is re-materialized (srec.lineage).
+    "caption_snapshots": """
+        category VARCHAR NOT NULL,
+        snapshot VARCHAR NOT NULL,   -- item_captions DataVersion (srec.captions.caption_snapshot)
+        item_id VARCHAR NOT NULL,
+        cache_key VARCHAR NOT NULL,  -- the caption in caption_cache (none there when failed)
+        status VARCHAR NOT NULL,     -- 'ok' | 'failed'
+        modality VARCHAR NOT NULL,   -- 'image+text' | 'text'
+        model VARCHAR NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        prompt_version VARCHAR NOT NULL,
+        run_id VARCHAR,              -- the run whose item_captions materialization first recorded the snapshot
+        recorded_at DOUBLE NOT NULL  -- unix seconds
+    """,
+    # Append-only: the preference summary (cache_key of its last block) of every row of every preference
+    # snapshot ever materialized (the same, for user_preferences).
+    "preference_snapshots": """
+        category VARCHAR NOT NULL,
+        snapshot VARCHAR NOT NULL,   -- user_preferences DataVersion (srec.preferences.preference_snapshot)
+        user_id VARCHAR NOT NULL,
+        split VARCHAR NOT NULL,
+        mode VARCHAR NOT NULL,
+        target_seq_index INTEGER NOT NULL,
+        cache_key VARCHAR NOT NULL,  -- the last block's summary in preference_cache (none there when failed)
+        status VARCHAR NOT NULL,     -- 'ok' | 'failed'
+        model VARCHAR NOT NULL,
+        model_fingerprint VARCHAR NOT NULL,
+        prompt_version VARCHAR NOT NULL,
+        caption_snapshot VARCHAR NOT NULL,  -- the caption snapshot the prompts read
+        run_id VARCHAR,              -- the run whose user_preferences materialization first recorded the snapshot
+        recorded_at DOUBLE NOT NULL  -- unix seconds
+    """,
     # The recommender's supervised examples: per prompt style x training target x candidate, the exact
     # prompt (fitted to max_length) and the answer the loss is on.
     "sft_examples": """
@@ -261,6 +294,20 @@ TABLES: dict[str, str] = {
         valid_auc DOUBLE,            -- best validation AUC (valid 1+20)
         base_valid_auc DOUBLE,       -- the untrained base model's, same users
         best_epoch INTEGER NOT NULL  -- 0: no epoch beat the base model
+    """,
+    # One row per (lora_adapter materialization, gated variant): the promotion gate's decision and figures.
+    "adapter_promotions": """
+        category VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL,
+        decided_at DOUBLE NOT NULL,      -- unix seconds
+        candidate_version VARCHAR NOT NULL,  -- the adapter just trained
+        current_version VARCHAR,         -- the serving adapter it was compared with (NULL: none yet)
+        variant VARCHAR NOT NULL,
+        candidate_valid_auc DOUBLE NOT NULL,
+        current_valid_auc DOUBLE,        -- the current adapter re-scored on the same validation candidates
+        margin DOUBLE NOT NULL,          -- the candidate may be at most this much worse
+        promoted BOOLEAN NOT NULL,       -- the whole set's decision (every gated variant must pass)
+        reason VARCHAR NOT NULL
     """,
     "metric_report": """
         category VARCHAR NOT NULL,

@@ -101,6 +101,20 @@ GOOD: dict[str, dict[str, list]] = {
         "model": ["m", "m"], "model_fingerprint": ["f", "f"], "prompt_version": ["p", "p"], "run_id": [None, "r"],
         "created_at": [1.7e9, 1.7e9],
     },
+    "caption_snapshots": {
+        "category": ["c", "c"], "snapshot": ["s1", "s1"], "item_id": ["B004756YJA", "B0009P4PZC"],
+        "cache_key": ["k1", "k2"], "status": ["ok", "failed"], "modality": ["image+text", "text"],
+        "model": ["m", "m"], "model_fingerprint": ["f", "f"],
+        "prompt_version": ["caption_fused/v1+ab", "caption_text_only/v1+cd"], "run_id": ["r", None],
+        "recorded_at": [1.7e9, 1.7e9],
+    },
+    "preference_snapshots": {
+        "category": ["c", "c"], "snapshot": ["p1", "p1"], "user_id": ["u", "u"], "split": ["train", "test"],
+        "mode": ["recurrent", "direct"], "target_seq_index": [4, 6], "cache_key": ["k", "k2"],
+        "status": ["ok", "failed"], "model": ["m", "m"], "model_fingerprint": ["f", "f"],
+        "prompt_version": ["p", "p"], "caption_snapshot": ["s1", "s1"], "run_id": ["r", None],
+        "recorded_at": [1.7e9, 1.7e9],
+    },
     "sft_examples": {
         "category": ["c", "c"], "style": ["fused+recurrent"] * 2, "user_id": ["u", "u"], "target_seq_index": [4, 4],
         "item_id": ["B004756YJA", "B0009P4PZC"], "label": [1, 0], "label_source": ["target", "sampled"],
@@ -125,6 +139,12 @@ GOOD: dict[str, dict[str, list]] = {
         "category": ["c", "c"], "version": ["v1", "v2"], "run_id": ["r1", "r2"], "created_at": [1.7e9, 1.8e9],
         "variant": ["lora:fused+recurrent"] * 2, "valid_auc": [0.55, 0.56], "base_valid_auc": [0.5, 0.5],
         "best_epoch": [2, 0],
+    },
+    "adapter_promotions": {
+        "category": ["c", "c"], "run_id": ["r1", "r2"], "decided_at": [1.7e9, 1.8e9],
+        "candidate_version": ["v1", "v2"], "current_version": [None, "v1"], "variant": ["lora:fused+recurrent"] * 2,
+        "candidate_valid_auc": [0.55, 0.52], "current_valid_auc": [None, 0.55], "margin": [0.0, 0.01],
+        "promoted": [True, False], "reason": ["first adapter", "worse by 0.03 > margin 0.01"],
     },
 }
 

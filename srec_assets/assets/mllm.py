@@ -9,13 +9,11 @@ from resources import HallucinationScorer, ModelRunner, SrecStorage
 from srec.captions import CaptionSettings, build_item_captions, caption_snapshot
 from srec.db import partition_content_hash
 from srec.images import ImageSettings, resolve_item_images
-from srec.preferences import PreferenceSettings, build_user_preferences
+from srec.preferences import PREFERENCE_CONTENT_COLUMNS, PreferenceSettings, build_user_preferences  # noqa: F401
 from srec.prompts import CAPTION_FUSED, CAPTION_TEXT_ONLY, PREFERENCE_DIRECT, PREFERENCE_FIRST_BLOCK, PREFERENCE_NEXT_BLOCK
 from srec_assets.assets.ingest import raw_items
 from srec_assets.assets.sequences import interactions
 from srec_assets.partitions import category_config, category_partitions
-
-PREFERENCE_CONTENT_COLUMNS = ("user_id", "split", "mode", "cache_key", "summary", "status", "profile")
 
 
 def _md(frame: pd.DataFrame) -> dg.MetadataValue:
@@ -23,6 +21,7 @@ def _md(frame: pd.DataFrame) -> dg.MetadataValue:
 
 
 @dg.asset(
+    pool="duckdb",
     partitions_def=category_partitions,
     group_name="mllm",
     kinds={"duckdb", "pillow"},
@@ -68,6 +67,7 @@ class ItemCaptionsConfig(dg.Config):
 
 
 @dg.asset(
+    pool="gpu",
     partitions_def=category_partitions,
     group_name="mllm",
     kinds={"duckdb", "transformers"},
@@ -138,6 +138,7 @@ class UserPreferencesConfig(dg.Config):
 
 
 @dg.asset(
+    pool="gpu",
     partitions_def=category_partitions,
     group_name="mllm",
     kinds={"duckdb", "transformers"},
@@ -169,10 +170,10 @@ def user_preferences(
             "FROM user_preferences WHERE category = ? AND status = 'ok' ORDER BY hash(user_id), split, mode LIMIT 6",
             [cfg.name],
         ).fetch_df()
-        version = partition_content_hash(con, "user_preferences", cfg.name, PREFERENCE_CONTENT_COLUMNS)
     return dg.MaterializeResult(
         metadata={
-            **{k: v for k, v in asdict(stats).items() if isinstance(v, (int, float, str))},
+            **{k: v for k, v in asdict(stats).items() if isinstance(v, (int, float, str)) and k != "snapshot"},
+            "preference_snapshot": stats.snapshot,   # = the DataVersion; its rows stay in preference_snapshots
             "caption_snapshot": snapshot,
             "summariser": dg.MetadataValue.json(summariser.describe()),
             "prompt_versions": dg.MetadataValue.json({t.name: t.version for t in (
@@ -180,5 +181,5 @@ def user_preferences(
             "settings": dg.MetadataValue.json(asdict(settings)),
             "samples": _md(samples),
         },
-        data_version=dg.DataVersion(version),
+        data_version=dg.DataVersion(stats.snapshot),
     )
