@@ -10,7 +10,8 @@ from srec.recommender import artifacts
 
 
 class AdapterIOManager(dg.ConfigurableIOManager):
-    """Stores an asset's ``AdapterSet`` under ``<root>/<asset>/<category>/<version>/`` and loads the latest."""
+    """Stores an asset's ``AdapterSet`` under ``<root>/<asset>/<category>/<version>/`` (``current.json`` follows
+    the set's promotion decision) and loads the category's current set."""
 
     root: str = str(ARTIFACTS_DIR)
 
@@ -24,4 +25,8 @@ class AdapterIOManager(dg.ConfigurableIOManager):
         context.add_output_metadata({"path": dg.MetadataValue.path(str(stored.folder))})
 
     def load_input(self, context: dg.InputContext) -> artifacts.AdapterSet:
-        return artifacts.load(self._base(context.upstream_output), context.partition_key)
+        """The category's current (promoted, serving) adapter set; the latest one where none was promoted yet
+        (sets stored before the promotion gate existed)."""
+        base = self._base(context.upstream_output)
+        which = "current" if artifacts.pointer(base, context.partition_key, "current") else "latest"
+        return artifacts.load(base, context.partition_key, which=which)

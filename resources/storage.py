@@ -10,6 +10,7 @@ import duckdb
 from dagster_duckdb import DuckDBResource
 
 from srec.db import ensure_tables
+from srec.db_lock import writer_lock
 from srec.paths import ARTIFACTS_DIR, DATA_DIR, DEFAULT_DATABASE, REPORTS_DIR
 
 
@@ -26,6 +27,7 @@ class SrecStorage(dg.ConfigurableResource):
     temp_directory: str = str(DATA_DIR / "tmp")
     memory_limit: str = "1500MB"
     threads: int = 2
+    lock_timeout_s: float = 6 * 3600   # how long a writer waits for another run's writer (srec.db_lock)
 
     def _duckdb(self) -> DuckDBResource:
         return DuckDBResource(
@@ -41,10 +43,11 @@ class SrecStorage(dg.ConfigurableResource):
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-write connection with every srec table created. Retries while another process holds the lock."""
+        """A read-write connection with every srec table created; waits while another process writes."""
         Path(self.database).parent.mkdir(parents=True, exist_ok=True)
         Path(self.temp_directory).mkdir(parents=True, exist_ok=True)
-        with self._duckdb().get_connection() as con:
+        log = dg.get_dagster_logger()
+        with writer_lock(self.database, self.lock_timeout_s, on_wait=log.info), self._duckdb().get_connection() as con:
             ensure_tables(con)
             yield con
 

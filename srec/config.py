@@ -55,6 +55,8 @@ class CategoryConfig:
     images: dict = field(default_factory=dict)
     # The MLLM recommender (fields of srec.recommender.RecommenderSettings): variants, LoRA, optimisation.
     recommender: dict = field(default_factory=dict)
+    # The scheduled retrain (srec_assets.automation) launches this category; false leaves it out.
+    retrain: bool = True
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -120,8 +122,15 @@ def _parse_category(name: str, raw: dict, base: Path, source: Path) -> CategoryC
         items=resolve(raw.get("items")),
         filtering=settings,
         seed=int(raw.get("seed", 2024)),
+        retrain=_bool(raw.get("retrain", True), f"{where}: retrain"),
         description=str(raw.get("description", "")),
     )
+
+
+def _bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def load_category_file(path: Path) -> dict[str, CategoryConfig]:

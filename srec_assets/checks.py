@@ -113,6 +113,8 @@ ALL_CHECKS = [
     invariant_check(user_preferences, "preferences_use_only_past", invariants.preferences_use_only_past),
     schema_check(sft_examples, "sft_examples", may_be_empty=lambda cfg: True),
     invariant_check(sft_examples, "sft_examples_are_sound", invariants.sft_examples_are_sound),
+    schema_check(lora_adapter, "lora_adapter_history"),
+    schema_check(lora_adapter, "adapter_promotions"),
     schema_check(recommender_scores, "recommender_scores"),
     schema_check(recommender_scores, "recommender_runs"),
     invariant_check(recommender_scores, "recommender_scores_cover_candidates",
@@ -163,50 +165,37 @@ def caption_hallucination(
 ALL_CHECKS.append(caption_hallucination)
 
 
-class AdapterRegressionConfig(dg.Config):
-    margin: float = 0.0   # warn when a variant's validation AUC falls more than this below the previous adapter's
-
-
 @dg.asset_check(
     asset=lora_adapter,
-    name="adapter_not_worse_than_previous",
+    name="adapter_promotion_gate",
     partitions_def=category_partitions,
-    description="Warns when a newly trained adapter scores worse on validation AUC than the category's previous one.",
+    description=("The promotion gate's decision: passes when the new adapter became the category's current one; "
+                 "warns when it scored worse on validation AUC than the current adapter (re-scored on the same "
+                 "candidates) by more than the margin, and the current one keeps serving."),
 )
-def adapter_not_worse_than_previous(
-    context: dg.AssetCheckExecutionContext, config: AdapterRegressionConfig, storage: SrecStorage
-) -> dg.AssetCheckResult:
+def adapter_promotion_gate(context: dg.AssetCheckExecutionContext, storage: SrecStorage) -> dg.AssetCheckResult:
     cfg = category_config(context)
     with storage.connect() as con:
         frame = con.execute(
-            """
-            WITH runs AS (SELECT version, run_id, max(created_at) AS t FROM lora_adapter_history
-                          WHERE category = ? GROUP BY ALL ORDER BY t DESC LIMIT 2),
-                 ranked AS (SELECT *, row_number() OVER (ORDER BY t DESC) AS k FROM runs)
-            SELECT h.variant, r.k, h.version, h.valid_auc FROM lora_adapter_history h
-            JOIN ranked r USING (version, run_id) WHERE h.category = ? ORDER BY h.variant, r.k
-            """, [cfg.name, cfg.name]).fetch_df()
-    new, old = frame[frame.k == 1].set_index("variant"), frame[frame.k == 2].set_index("variant")
-    if new.empty:
-        return dg.AssetCheckResult(passed=True, description="no adapter recorded yet")
-    rows = []
-    for variant, r in new.iterrows():
-        prev = old["valid_auc"].get(variant)
-        worse = prev is not None and r.valid_auc < prev - config.margin
-        rows.append({"variant": variant, "valid_auc": round(r.valid_auc, 4),
-                     "previous": None if prev is None else round(prev, 4), "worse": bool(worse)})
-    table = pd.DataFrame(rows)
-    worse = table[table.worse]
+            "SELECT * FROM adapter_promotions WHERE category = ? AND decided_at = "
+            "(SELECT max(decided_at) FROM adapter_promotions WHERE category = ?) ORDER BY variant",
+            [cfg.name, cfg.name]).fetch_df()
+    if frame.empty:
+        return dg.AssetCheckResult(passed=True, severity=dg.AssetCheckSeverity.WARN,
+                                   description="no promotion decision recorded yet")
+    d = frame.iloc[0]
+    table = frame[["variant", "candidate_valid_auc", "current_valid_auc"]].round(4).assign(
+        delta=(frame.candidate_valid_auc - frame.current_valid_auc).round(4))
+    promoted = bool(d.promoted)
     return dg.AssetCheckResult(
-        passed=worse.empty,
+        passed=promoted,
         severity=dg.AssetCheckSeverity.WARN,
-        description=("no previous adapter to compare with" if old.empty else
-                     f"{len(worse)} of {len(table)} variants score lower validation AUC than adapter "
-                     f"{old['version'].iloc[0]} (margin {config.margin})"),
-        metadata={"comparison": _md(table), "version": str(new["version"].iloc[0]),
-                  "previous_version": str(old["version"].iloc[0]) if not old.empty else "none",
-                  "margin": config.margin},
+        description=str(d.reason),
+        metadata={"promoted": promoted, "candidate_version": str(d.candidate_version),
+                  "current_version": str(d.candidate_version if promoted else d.current_version),
+                  "compared_with": str(d.current_version) if d.current_version else "none",
+                  "margin": float(d.margin), "decided_in_run": str(d.run_id), "comparison": _md(table)},
     )
 
 
-ALL_CHECKS.append(adapter_not_worse_than_previous)
+ALL_CHECKS.append(adapter_promotion_gate)

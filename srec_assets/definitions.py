@@ -12,23 +12,18 @@ from srec_assets.assets.mllm import item_captions, item_images, user_preferences
 from srec_assets.assets.recommender import lora_adapter, recommender_scores, sft_examples
 from srec_assets.assets.report import metric_report
 from srec_assets.assets.sequences import eval_candidates, interactions
+from srec_assets.automation import JOBS, SCHEDULES, SENSORS
 from srec_assets.checks import ALL_CHECKS
 
 ALL_ASSETS = [raw_reviews, raw_items, interactions, eval_candidates, item_images, item_captions, user_preferences,
               sft_examples, lora_adapter, recommender_scores, baseline_scores, metric_report]
 
-# Everything for one category, checks included: what the demo command runs.
-full_graph_job = dg.define_asset_job(
-    name="full_graph",
-    selection=dg.AssetSelection.assets(*ALL_ASSETS),
-    description=("Ingest -> interactions -> candidates -> images -> captions -> preferences -> SFT examples -> LoRA "
-                 "adapter -> recommender scores; baselines; -> metric report; one category."),
-)
-
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=ALL_CHECKS,
-    jobs=[full_graph_job],
+    jobs=JOBS,
+    schedules=SCHEDULES,
+    sensors=SENSORS,
     resources={
         "storage": SrecStorage(),
         # The tiny offline models by default (built on first use); SREC_*_MODEL or the launchpad picks real ones.

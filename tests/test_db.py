@@ -53,3 +53,31 @@ def test_storage_resource_creates_tables_and_folders(storage):
         tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
     assert {"raw_reviews", "interactions", "eval_candidates", "metric_report"} <= tables
     assert storage.report_dir("beauty").is_dir()
+
+
+# --- the DuckDB writer lock ----------------------------------------------------------------------------
+
+def test_writer_lock_serializes_processes_and_is_reentrant(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from srec.db_lock import DatabaseLockTimeout, writer_lock
+
+    db = tmp_path / "x.duckdb"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from srec.db_lock import writer_lock\n"
+         f"with writer_lock({str(db)!r}):\n    print('held', flush=True); time.sleep(1.5)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    waits = []
+    with pytest.raises(DatabaseLockTimeout, match="x.duckdb"):
+        with writer_lock(db, timeout_s=0.2, on_wait=waits.append):
+            pass
+    assert waits and "another run is writing" in waits[0]
+    started = time.monotonic()
+    with writer_lock(db, timeout_s=30), writer_lock(db, timeout_s=0.01):   # nested: no second lock needed
+        assert time.monotonic() - started > 0.3                           # waited for the holder
+    holder.wait(timeout=10)
+    with writer_lock(db, timeout_s=0.01):                                 # released on exit
+        pass

@@ -224,3 +224,48 @@ def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path
     _, other = train_lora(base.model, rows, validate, RecommenderSettings(epochs=1, batch_size=4, patience=0),
                           **{**kw, "run_key": "k2"})
     assert other.resumed_from_epoch == 0 and other.epochs_run == 1
+
+
+# --- the promotion gate -----------------------------------------------------------------------------------
+
+def test_promotion_gate_decisions():
+    from srec.recommender.promotion import decide
+
+    first = decide({"lora:a": 0.55}, "v1", None, None, 0.0)
+    assert first.promoted and first.current_version is None and "first adapter" in first.reason
+    better = decide({"lora:a": 0.56, "lora:b": 0.50}, "v2", {"lora:a": 0.55, "lora:b": 0.50}, "v1", 0.0)
+    assert better.promoted and all(r.passed for r in better.rows)
+    within = decide({"lora:a": 0.545}, "v2", {"lora:a": 0.55}, "v1", 0.01)
+    assert within.promoted and abs(within.rows[0].delta + 0.005) < 1e-12
+    worse = decide({"lora:a": 0.56, "lora:b": 0.48}, "v2", {"lora:a": 0.55, "lora:b": 0.50}, "v1", 0.01)
+    assert not worse.promoted and [r.passed for r in worse.rows] == [True, False]
+    assert "kept v1" in worse.reason and "lora:b by 0.0200" in worse.reason
+    new_variant = decide({"lora:c": 0.40}, "v2", {"lora:a": 0.55}, "v1", 0.0)
+    assert new_variant.promoted and "no variant in common" in new_variant.reason
+    recorded = decide({"lora:a": 0.40}, "v2", {"lora:a": 0.55}, "v1", 0.0, current_rescored=False)
+    assert not recorded.promoted and "recorded validation AUC" in recorded.reason
+    with pytest.raises(ValueError, match="margin"):
+        decide({"lora:a": 0.5}, "v2", None, None, -0.1)
+
+
+def test_store_moves_current_only_when_promoted(tmp_path):
+    from srec.recommender import artifacts
+
+    def stored(name: str, promoted: bool | None):
+        folder = tmp_path / f"staging-{name}"
+        (folder / "lora__a").mkdir(parents=True)
+        (folder / "lora__a" / "adapter_model.safetensors").write_bytes(name.encode())
+        manifest = {"category": "c", "variants": {"lora:a": {"folder": "lora__a", "best_valid_auc": 0.5}}}
+        if promoted is not None:
+            manifest["promotion"] = {"promoted": promoted, "reason": "test"}
+        return artifacts.store(artifacts.stage(folder, manifest), tmp_path / "root", "c", run_id=name)
+
+    assert artifacts.load_current(tmp_path / "root", "c") is None
+    first = stored("one", None)            # no decision recorded: promoted (sets from before the gate)
+    kept = stored("two", False)
+    assert artifacts.pointer(tmp_path / "root", "c", "latest")["version"] == kept.version
+    assert artifacts.load_current(tmp_path / "root", "c").version == first.version
+    third = stored("three", True)
+    current = artifacts.pointer(tmp_path / "root", "c", "current")
+    assert current["version"] == third.version and current["decision"]["promoted"] is True
+    assert artifacts.load(tmp_path / "root", "c", kept.version).manifest["promotion"]["promoted"] is False

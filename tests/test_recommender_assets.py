@@ -44,7 +44,7 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert result.success
         checks = _checks(result)
         assert all(v for k, v in checks.items() if k != "caption_hallucination"), checks
-        assert "adapter_not_worse_than_previous" in checks
+        assert "adapter_promotion_gate" in checks
 
         con = duckdb.connect(storage.database, read_only=True)
         n_train = con.execute("SELECT count(*) FROM user_preferences WHERE split = 'train' AND mode = 'recurrent'"
@@ -90,12 +90,31 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         md = (tmp_path / "reports" / "beauty" / "metric_report.md").read_text()
         assert "RANDOM weights" in md and "zero-shot" in md
 
-        # Retrain: a second adapter is compared with the first by the regression check.
+        # The first adapter became current: recommender_scores scored it.
+        assert artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "current")["version"] == out.version
+        assert _checks(result)["adapter_promotion_gate"] is True
+
+        # Retrain with another learning rate: a new version, gated against the current one re-scored on the
+        # same validation candidates; the decision follows the figures it records.
+        retrain = {**REC, "learning_rate": 0.02, "promotion_margin": 0.0}
         again = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
-                               run_config={"ops": {"lora_adapter": RUN_CONFIG["ops"]["lora_adapter"]}},
+                               run_config={"ops": {"lora_adapter": {"config": retrain}}},
                                selection=dg.AssetSelection.assets(lora_adapter))
         assert again.success
+        new = again.output_for_node("lora_adapter")
+        assert new.version != out.version
         ev = [e for e in again.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
-              and e.event_specific_data.check_name == "adapter_not_worse_than_previous"][0]
+              and e.event_specific_data.check_name == "adapter_promotion_gate"][0]
         meta = ev.event_specific_data.metadata
-        assert meta["previous_version"].value == out.version
+        assert meta["compared_with"].value == out.version and meta["candidate_version"].value == new.version
+        con = duckdb.connect(storage.database, read_only=True)
+        rows = con.execute("SELECT variant, candidate_valid_auc, current_valid_auc, promoted FROM adapter_promotions "
+                           "WHERE candidate_version = ? ORDER BY variant", [new.version]).fetchall()
+        con.close()
+        assert [r[0] for r in rows] == ["lora:fused+recurrent", "lora:text+none"]
+        promoted = all(cand >= cur for _, cand, cur, _ in rows)
+        assert all(r[3] == promoted for r in rows) and ev.event_specific_data.passed == promoted
+        assert new.manifest["promotion"]["promoted"] == promoted
+        current = artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "current")["version"]
+        assert current == (new.version if promoted else out.version)
+        assert artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "latest")["version"] == new.version

@@ -5,6 +5,8 @@
                                        versions, hyper-parameters, validation metrics, per variant
         <variant slug>/                PEFT format: adapter_config.json + adapter_model.safetensors
     <artifacts>/lora_adapter/<category>/latest.json    the version the last materialization wrote
+    <artifacts>/lora_adapter/<category>/current.json   the version serving: the last one the promotion gate
+                                                       accepted (manifest["promotion"]), with the decision
 
 ``version`` is a content hash of the adapter weights and the manifest's lineage fields, so the same
 training inputs and result give the same folder, and anything different gets a new one; old versions
@@ -20,6 +22,7 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 LATEST = "latest.json"
+CURRENT = "current.json"
 
 
 @dataclass(frozen=True)
@@ -57,23 +60,48 @@ def stage(folder: Path, manifest: dict) -> AdapterSet:
 
 
 def store(staged: AdapterSet, root: Path, category: str, run_id: str | None = None) -> AdapterSet:
-    """Move a staged set to ``root/<category>/<version>`` and point ``latest.json`` at it."""
+    """Move a staged set to ``root/<category>/<version>`` and point ``latest.json`` at it; ``current.json``
+    too when the manifest's promotion decision promoted it (a manifest without one is promoted)."""
     dest = Path(root) / category / staged.version
     if dest.exists():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(staged.folder), dest)
-    (dest.parent / LATEST).write_text(json.dumps({"version": staged.version, "path": str(dest), "run_id": run_id}))
+    ref = {"version": staged.version, "path": str(dest), "run_id": run_id}
+    _write_pointer(dest.parent / LATEST, ref)
+    promotion = staged.manifest.get("promotion") or {"promoted": True}
+    if promotion.get("promoted"):
+        _write_pointer(dest.parent / CURRENT, ref | {"decision": promotion})
     return AdapterSet(dest, staged.version, staged.manifest)
 
 
-def load(root: Path, category: str, version: str | None = None) -> AdapterSet:
+def _write_pointer(path: Path, ref: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(ref, sort_keys=True, default=str))
+    tmp.replace(path)  # atomic: a reader never sees half a pointer
+
+
+def pointer(root: Path, category: str, which: str = "current") -> dict | None:
+    """The ``current`` (serving) or ``latest`` (last written) pointer of a category, or None."""
+    name = {"current": CURRENT, "latest": LATEST}[which]
+    path = Path(root) / category / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_current(root: Path, category: str) -> AdapterSet | None:
+    """The category's serving adapter, or None before the first one is promoted."""
+    p = pointer(root, category, "current")
+    return load(root, category, p["version"]) if p else None
+
+
+def load(root: Path, category: str, version: str | None = None, which: str = "latest") -> AdapterSet:
+    """A stored version; without one, the version the ``latest`` or ``current`` pointer names."""
     base = Path(root) / category
     if version is None:
-        pointer = base / LATEST
-        if not pointer.is_file():
-            raise FileNotFoundError(f"no lora_adapter stored for {category!r} under {base}: materialize lora_adapter")
-        version = json.loads(pointer.read_text())["version"]
+        p = pointer(root, category, which)
+        if p is None:
+            raise FileNotFoundError(f"no {which} lora_adapter for {category!r} under {base}: materialize lora_adapter")
+        version = p["version"]
     folder = base / version
     manifest_file = folder / MANIFEST
     if not manifest_file.is_file():

@@ -291,13 +291,7 @@ def train_variant(con, category: str, variant: Variant, loaded, settings: Recomm
     ``items``: ``load_items(con, category)``."""
     encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
     rows = load_train_rows(con, category, variant.style, encoder, loaded)
-    users = validation_users(con, category, settings, seed)
-    valid = eval_prompts(con, category, "valid", "1+20", variant, encoder, items, settings, users=users,
-                         generate=loaded.generate if variant.cot else None)
-
-    def validate(model) -> float:
-        return mean_auc(np.concatenate(score_prompts(model, valid, encoder, settings, loaded)), 21)
-
+    n_valid, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
     key = run_key(variant.name, settings.training_json(), loaded.fingerprint, data_key, seed)
     model, result = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
                                device=loaded.device, dtype=loaded.dtype, work_dir=work_dir, run_key=key,
@@ -307,7 +301,51 @@ def train_variant(con, category: str, variant: Variant, loaded, settings: Recomm
         shutil.rmtree(out_dir)
     shutil.copytree(work_dir / "best", out_dir)
     del model
-    return TrainedVariant(variant.name, out_dir.name, result, len(valid), style_prompt_versions(variant))
+    return TrainedVariant(variant.name, out_dir.name, result, n_valid, style_prompt_versions(variant))
+
+
+def validation_scorer(con, category: str, variant: Variant, loaded, settings: RecommenderSettings, *, seed: int,
+                      items: dict[str, ItemInfo]) -> tuple[int, Callable[[object], float]]:
+    """(users, model -> mean AUC on the valid 1+20 candidates of the seeded validation users): what early
+    stopping and the promotion gate measure. Prompts are built once, scored per call."""
+    encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
+    users = validation_users(con, category, settings, seed)
+    valid = eval_prompts(con, category, "valid", "1+20", variant, encoder, items, settings, users=users,
+                         generate=loaded.generate if variant.cot else None)
+
+    def validate(model) -> float:
+        return mean_auc(np.concatenate(score_prompts(model, valid, encoder, settings, loaded)), 21)
+
+    return len(valid), validate
+
+
+def adapter_valid_auc(con, category: str, variant: Variant, loaded, adapter_path: Path,
+                      settings: RecommenderSettings, *, seed: int, items: dict[str, ItemInfo]) -> float:
+    """A stored adapter's validation AUC on this run's validation candidates (``loaded``: a fresh base)."""
+    from peft import PeftModel  # noqa: PLC0415
+
+    _, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
+    model = PeftModel.from_pretrained(loaded.model, str(adapter_path)).eval()
+    return validate(model)
+
+
+PROMOTION_COLUMNS = ["category", "run_id", "decided_at", "candidate_version", "current_version", "variant",
+                     "candidate_valid_auc", "current_valid_auc", "margin", "promoted", "reason"]
+
+
+def append_promotion(con, category: str, run_id: str, decision, decided_at: float) -> None:
+    """Record the promotion gate's decision, one row per gated variant (kept across runs)."""
+    frame = pd.DataFrame([{"category": category, "run_id": run_id, "decided_at": decided_at,
+                           "candidate_version": decision.candidate_version,
+                           "current_version": decision.current_version, "variant": r.variant,
+                           "candidate_valid_auc": r.candidate_valid_auc, "current_valid_auc": r.current_valid_auc,
+                           "margin": decision.margin, "promoted": decision.promoted, "reason": decision.reason}
+                          for r in decision.rows], columns=PROMOTION_COLUMNS)
+    con.register("_srec_promotions", frame)
+    try:
+        con.execute("INSERT INTO adapter_promotions BY NAME SELECT * FROM _srec_promotions")
+    finally:
+        con.unregister("_srec_promotions")
 
 
 def variant_slug(variant: Variant) -> str:

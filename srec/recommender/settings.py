@@ -105,6 +105,9 @@ class RecommenderSettings:
     protocols: tuple[str, ...] = ("1+20",)  # stored candidate sets recommender_scores scores
     score_batch_size: int = 32          # candidate suffixes per forward pass (after the shared prefix)
     cot_max_new_tokens: int = 24        # length of a generated reasoning step
+    # --- promotion gate
+    promotion_margin: float = 0.0       # a retrained adapter may be this much worse on validation AUC and still
+                                        # replace the current one (re-scored on the same candidates)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", tuple(self.variants))
@@ -119,6 +122,8 @@ class RecommenderSettings:
                      "cot_max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.promotion_margin < 1:
+            raise ValueError(f"promotion_margin must be in [0, 1), got {self.promotion_margin}")
         if self.patience < 0 or self.valid_users < 0:
             raise ValueError("patience and valid_users must be >= 0")
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1 or self.learning_rate <= 0:
@@ -142,8 +147,8 @@ class RecommenderSettings:
 
     def training_json(self) -> dict:
         """The hyper-parameters that determine a trained adapter (for its manifest and checkpoint key)."""
-        scoring_only = {"variants", "protocols", "score_batch_size"}
-        return {k: v for k, v in asdict(self).items() if k not in scoring_only}
+        not_training = {"variants", "protocols", "score_batch_size", "promotion_margin"}
+        return {k: v for k, v in asdict(self).items() if k not in not_training}
 
     @classmethod
     def from_mapping(cls, raw: dict | None, **overrides) -> RecommenderSettings:

@@ -32,6 +32,7 @@ def baseline_settings(category_settings: dict, overrides: dict, *, max_len: int,
 
 
 @dg.asset(
+    pool="gpu",
     partitions_def=category_partitions,
     group_name="baselines",
     kinds={"pytorch", "duckdb"},

@@ -5,12 +5,15 @@ import dagster as dg
 from resources import SrecStorage
 from srec.db import partition_content_hash
 from srec.ingest import IngestStats, ingest_items, ingest_reviews
+from srec.raw_files import raw_files_fingerprint
 from srec_assets.partitions import category_config, category_partitions
 
 
-def _ingest_metadata(stats: IngestStats, fmt: str) -> dict:
+def _ingest_metadata(stats: IngestStats, cfg) -> dict:
     return {
-        "format": fmt,
+        "format": cfg.format,
+        # What the raw-files sensor compares with: the same files, byte for byte, need no new run.
+        "raw_files_sha256": raw_files_fingerprint(cfg),
         "source_files": dg.MetadataValue.json(stats.files),
         "rows_read": stats.rows_read,
         "rows_kept": stats.rows_kept,
@@ -21,6 +24,7 @@ def _ingest_metadata(stats: IngestStats, fmt: str) -> dict:
 
 
 @dg.asset(
+    pool="duckdb",
     partitions_def=category_partitions,
     group_name="ingest",
     kinds={"duckdb"},
@@ -33,10 +37,11 @@ def raw_reviews(context: dg.AssetExecutionContext, storage: SrecStorage) -> dg.M
         stats = ingest_reviews(con, cfg)
         version = partition_content_hash(con, "raw_reviews", cfg.name)
     context.log.info(f"{cfg.name}: read {stats.rows_read}, kept {stats.rows_kept}, quarantined {stats.quarantined}")
-    return dg.MaterializeResult(metadata=_ingest_metadata(stats, cfg.format), data_version=dg.DataVersion(version))
+    return dg.MaterializeResult(metadata=_ingest_metadata(stats, cfg), data_version=dg.DataVersion(version))
 
 
 @dg.asset(
+    pool="duckdb",
     partitions_def=category_partitions,
     group_name="ingest",
     kinds={"duckdb"},
@@ -48,4 +53,4 @@ def raw_items(context: dg.AssetExecutionContext, storage: SrecStorage) -> dg.Mat
     with storage.connect() as con:
         stats = ingest_items(con, cfg)
         version = partition_content_hash(con, "raw_items", cfg.name)
-    return dg.MaterializeResult(metadata=_ingest_metadata(stats, cfg.format), data_version=dg.DataVersion(version))
+    return dg.MaterializeResult(metadata=_ingest_metadata(stats, cfg), data_version=dg.DataVersion(version))

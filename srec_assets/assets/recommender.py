@@ -10,7 +10,8 @@ import pandas as pd
 from resources import ModelRunner, SrecStorage
 from srec.captions import caption_snapshot
 from srec.db import partition_content_hash
-from srec.recommender import artifacts
+from srec.preferences import preference_snapshot
+from srec.recommender import artifacts, promotion
 from srec.recommender import pipeline as rec
 from srec.recommender.data import load_items, variant_needs
 from srec.recommender.settings import RecommenderSettings, Variant
@@ -39,6 +40,7 @@ class RecommenderConfig(dg.Config):
     lr_schedule: str | None = None
     protocols: list[str] | None = None
     score_batch_size: int | None = None
+    promotion_margin: float | None = None
 
 
 def recommender_settings(context, config: RecommenderConfig) -> RecommenderSettings:
@@ -70,6 +72,7 @@ def _load_base(recommender: ModelRunner, variant: Variant):
 
 
 @dg.asset(
+    pool="gpu",
     partitions_def=category_partitions,
     group_name="recommender",
     kinds={"duckdb", "transformers"},
@@ -106,6 +109,7 @@ def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, s
 
 
 @dg.asset(
+    pool="gpu",
     partitions_def=category_partitions,
     group_name="recommender",
     kinds={"pytorch", "peft"},
@@ -133,7 +137,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
             "eval_candidates": partition_content_hash(con, "eval_candidates", cfg.name),
             "interactions": partition_content_hash(con, "interactions", cfg.name),
             "caption_snapshot": caption_snapshot(con, cfg.name),
-            "preference_snapshot": partition_content_hash(con, "user_preferences", cfg.name),
+            "preference_snapshot": preference_snapshot(con, cfg.name),  # = user_preferences' DataVersion
         }
         captioners = con.execute("SELECT DISTINCT model, model_fingerprint, prompt_version FROM item_captions "
                                  "WHERE category = ?", [cfg.name]).fetchall()
@@ -171,6 +175,9 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     }
     staged = artifacts.stage(staging, manifest)
     with storage.connect() as con:
+        decision = _promotion_gate(context, con, storage, recommender, settings, staged, base, items)
+        staged = artifacts.stage(staging, {**manifest, "promotion": decision.as_dict()})  # same version
+        rec.append_promotion(con, cfg.name, context.run.run_id, decision, time.time())
         rec.append_adapter_history(con, pd.DataFrame(
             [{"category": cfg.name, "version": staged.version, "run_id": context.run.run_id,
               "created_at": manifest["created_at"], "variant": name, "valid_auc": e["best_valid_auc"],
@@ -180,10 +187,17 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
                            "valid AUC (base)": round(e["base_valid_auc"], 4), "best epoch": e["best_epoch"],
                            "epochs": e["epochs_run"], "examples": e["train_examples"],
                            "seconds": round(e["seconds"], 1)} for k, e in entries.items()])
+    gate = pd.DataFrame([{"variant": r.variant, "candidate valid AUC": round(r.candidate_valid_auc, 4),
+                          "current valid AUC": None if r.current_valid_auc is None else round(r.current_valid_auc, 4),
+                          "passed": r.passed} for r in decision.rows])
     return dg.Output(
         staged,
         metadata={
             "version": staged.version,
+            "promoted": decision.promoted,
+            "promotion": dg.MetadataValue.md(f"**{decision.reason}** (margin {decision.margin:g})\n\n"
+                                             + gate.to_markdown(index=False)),
+            "current_version": staged.version if decision.promoted else decision.current_version,
             "base_model": recommender.model,
             "tiny_random_weights": manifest["tiny_random_weights"],
             "variants": dg.MetadataValue.md(table.to_markdown(index=False) if len(table) else "_none trained_"),
@@ -196,7 +210,39 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     )
 
 
+def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner, settings: RecommenderSettings,
+                    staged: artifacts.AdapterSet, base, items) -> promotion.PromotionDecision:
+    """Compare the new set with the category's current adapter on this run's validation candidates."""
+    cfg = category_config(context)
+    candidate = {name: e["best_valid_auc"] for name, e in staged.manifest["variants"].items()}
+    try:
+        current = artifacts.load_current(storage.artifact_dir("lora_adapter"), cfg.name)
+    except FileNotFoundError as e:  # a pointer to a deleted version: nothing to compare with
+        context.log.warning(f"current adapter unreadable ({e}); treating this one as the first")
+        current = None
+    scores, rescored = None, True
+    if current is not None and current.version != staged.version:
+        if base is not None and current.manifest.get("base_fingerprint") == base.fingerprint:
+            scores = {}
+            for variant in settings.parsed_variants:
+                if variant.trains and variant.name in current.manifest["variants"]:
+                    scores[variant.name] = rec.adapter_valid_auc(
+                        con, cfg.name, variant, _load_base(recommender, variant),
+                        current.adapter_path(variant.name), settings, seed=cfg.seed, items=items)
+                    context.log.info(f"current adapter {current.version} {variant.name}: valid AUC "
+                                     f"{scores[variant.name]:.4f} on this run's candidates")
+        else:  # another base model: its adapters cannot be re-scored on this one
+            scores = {k: v["best_valid_auc"] for k, v in current.manifest["variants"].items()}
+            rescored = False
+    decision = promotion.decide(candidate, staged.version, scores if current else None,
+                                current.version if current else None, settings.promotion_margin,
+                                current_rescored=rescored)
+    context.log.info(f"promotion gate: {decision.reason}")
+    return decision
+
+
 @dg.asset(
+    pool="gpu",
     partitions_def=category_partitions,
     group_name="recommender",
     kinds={"duckdb", "pytorch"},

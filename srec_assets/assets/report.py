@@ -54,6 +54,7 @@ class ReportConfig(dg.Config):
 
 
 @dg.asset(
+    pool="duckdb",
     partitions_def=category_partitions,
     group_name="report",
     kinds={"duckdb", "markdown"},

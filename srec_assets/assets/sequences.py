@@ -14,6 +14,7 @@ from srec_assets.partitions import category_config, category_partitions
 
 
 @dg.asset(
+    pool="duckdb",
     partitions_def=category_partitions,
     group_name="sequences",
     kinds={"duckdb"},
@@ -52,6 +53,7 @@ def interactions(context: dg.AssetExecutionContext, storage: SrecStorage) -> dg.
 
 
 @dg.asset(
+    pool="duckdb",
     partitions_def=category_partitions,
     group_name="sequences",
     kinds={"duckdb"},
