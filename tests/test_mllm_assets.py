@@ -68,7 +68,8 @@ def test_broken_images_take_the_text_path_and_rematerializing_captions_nothing(
     items = scientific_with_images
     resources = {"storage": storage, **model_resources}
     with dg.instance_for_test() as instance:
-        result = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance)
+        result = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                                run_config={"ops": {"user_preferences": {"config": {"modes": ["recurrent", "direct"]}}}})
         assert result.success
         checks = _checks(result)
         assert all(v for k, v in checks.items() if k != "caption_hallucination"), checks
@@ -90,7 +91,8 @@ def test_broken_images_take_the_text_path_and_rematerializing_captions_nothing(
         assert (md["missing"].value, md["invalid"].value, md["synthetic"].value) == (2, 1, 0)
 
         again = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
-                               selection=dg.AssetSelection.assets(item_captions, user_preferences))
+                               selection=dg.AssetSelection.assets(item_captions, user_preferences),
+                               run_config={"ops": {"user_preferences": {"config": {"modes": ["recurrent", "direct"]}}}})
         assert again.success
         cap = again.asset_materializations_for_node("item_captions")[0].metadata
         assert (cap["new"].value, cap["cached"].value) == (0, len(items))
@@ -99,3 +101,16 @@ def test_broken_images_take_the_text_path_and_rematerializing_captions_nothing(
         # Same content -> same DataVersion, so nothing downstream looks stale.
         first_v = result.asset_materializations_for_node("item_captions")[0].tags["dagster/data_version"]
         assert again.asset_materializations_for_node("item_captions")[0].tags["dagster/data_version"] == first_v
+
+
+def test_preference_modes_follow_the_recommender_variants():
+    from dataclasses import replace
+
+    from srec_assets.assets.mllm import preference_modes
+    from srec_assets.partitions import CATEGORIES
+
+    beauty = CATEGORIES["beauty"]   # lora:fused+recurrent and zero-shot: recurrent summaries only
+    assert preference_modes(beauty, None) == ("recurrent",)
+    ablation = replace(beauty, recommender={"variants": ["lora:fused+direct", "lora:text+none"]})
+    assert preference_modes(ablation, None) == ("recurrent", "direct")
+    assert preference_modes(ablation, ["direct"]) == ("direct",)

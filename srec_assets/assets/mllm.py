@@ -129,9 +129,22 @@ def item_captions(
     )
 
 
+def preference_modes(cfg, configured: list[str] | None) -> tuple[str, ...]:
+    """The run config's modes, else those the category's recommender variants read (recurrent at least)."""
+    if configured is not None:
+        return tuple(configured)
+    from srec.recommender.data import variant_needs  # noqa: PLC0415
+    from srec.recommender.settings import RecommenderSettings  # noqa: PLC0415
+
+    needs = variant_needs(RecommenderSettings.from_mapping(cfg.recommender).parsed_variants)
+    return tuple(m for m in ("recurrent", "direct") if m in needs | {"recurrent"})
+
+
 class UserPreferencesConfig(dg.Config):
     block_size: int = 3                            # MLLM-MSR: 3 items per recurrent block
-    modes: list[str] = ["recurrent", "direct"]     # 'direct' = one prompt over the whole history (ablation)
+    # 'recurrent' (MLLM-MSR) and/or 'direct' (one prompt over the whole history, the ablation). Default: the
+    # modes the category's recommender variants read (no summaries nobody uses), recurrent at least.
+    modes: list[str] | None = None
     chunk_size: int = 256                          # prompts generated and committed per chunk
     max_item_chars: int = 300
     train_targets: int = 1                         # summaries before each user's last N training positives (SFT)
@@ -157,7 +170,7 @@ def user_preferences(
     summariser: ModelRunner,
 ) -> dg.MaterializeResult:
     cfg = category_config(context)
-    settings = PreferenceSettings(block_size=config.block_size, modes=tuple(config.modes),
+    settings = PreferenceSettings(block_size=config.block_size, modes=preference_modes(cfg, config.modes),
                                   max_history=cfg.filtering.max_history, chunk_size=config.chunk_size,
                                   max_item_chars=config.max_item_chars, train_targets=config.train_targets)
     with storage.connect() as con:
