@@ -24,6 +24,11 @@ defs = dg.Definitions(
     jobs=JOBS,
     schedules=SCHEDULES,
     sensors=SENSORS,
+    # One step at a time in the run's own process: the model steps queue for the one GPU anyway (the gpu
+    # pool), and a process per step would import torch and transformers ~45 times a run (minutes on a small
+    # machine). Across runs, the pools in dagster.yaml still apply. A multi-machine executor replaces this
+    # (README, "Scaling past one machine").
+    executor=dg.in_process_executor,
     resources={
         "storage": SrecStorage(),
         # The tiny offline models by default (built on first use); SREC_*_MODEL or the launchpad picks real ones.

@@ -107,3 +107,9 @@ def test_sensor_first_tick_trusts_what_ingestion_recorded(watched, storage):
         with pytest.MonkeyPatch.context() as mp:  # a missing file is reported, not a crash or a run
             mp.setattr(automation, "CATEGORIES", {"beauty": moved})
             assert _tick(instance, None)[0] == []
+
+
+def test_runs_execute_in_process():
+    """One process per run (the gpu pool serializes model steps anyway; no per-step torch import)."""
+    for name in ("full_graph", "retrain", "mllm_job"):
+        assert defs.resolve_job_def(name).executor_def.name == "in_process"
