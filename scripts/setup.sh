@@ -17,3 +17,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# Initialise the persistent Dagster home's storage once, here: two processes that start together on an
+# empty home (the webserver and a run, two runs) would each create the SQLite schema and can leave
+# it with two alembic heads, after which every process fails to open the instance.
+if [ ! -f data/dagster_home/history/runs.db ]; then
+  DAGSTER_HOME="$ROOT/data/dagster_home" .venv/bin/python -c \
+    "import dagster; dagster.DagsterInstance.get().dispose(); print('setup: initialised data/dagster_home')"
+fi

@@ -63,6 +63,10 @@ def test_two_runs_at_once_keep_every_row(tmp_path):
         "items": str(sci / "Scientific.item.json"), "filtering": {"user_k_core": 5, "item_k_core": 5}}}}))
     env = {**os.environ, "DAGSTER_HOME": str(home), "SREC_DATA_DIR": str(tmp_path / "data"),
            "SREC_CATEGORIES_EXTRA": str(extra), "PYTHONPATH": str(PROJECT_ROOT)}
+    # Create the instance's storage once before the workers start: two processes that both find an empty
+    # home would each stamp the SQLite schema's alembic version (two heads), as two fresh `dagster`
+    # processes would; a deployed home is initialised once, like this.
+    dg.DagsterInstance.from_config(str(home)).dispose()
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     workers = {c: subprocess.Popen([sys.executable, "-c", WORKER, c, str(barrier)], cwd=PROJECT_ROOT, env=env,
