@@ -18,7 +18,8 @@ Every prompt is built, tokenized and its image preprocessed *before* timing: wha
 ``srec.recommender.scoring``:
 
 * shared prefix: ``score_shared_prefix`` -- the user's prefix encoded once, its KV cache reused by the 21
-  candidates' suffixes in one left-padded batch (``--batch-size``, default 21);
+  candidates' suffixes in left-padded batches of similar length (``plan_batches``: sorted by length, cut
+  where the padding saved outweighs another call; at most ``--batch-size`` rows, default 21);
 * naive: ``score_naive`` -- one full forward over prefix + suffix per candidate, no cache.
 
 Each way runs over all users ``--repeats`` times (default 2), alternating which goes first (shared, naive,
@@ -213,7 +214,7 @@ def markdown(r: dict) -> str:
         "| way | candidates | runs (s) | median s | candidates/s (median) | CPU s per run | load 1m before/after |",
         "|---|---:|---|---:|---:|---|---|",
     ]
-    for name, w in (("shared prefix (batch %d)" % r["settings"]["batch_size"], s), ("naive (1 forward each)", n)):
+    for name, w in (("shared prefix (length-planned batches, max %d)" % r["settings"]["batch_size"], s), ("naive (1 forward each)", n)):
         lines.append(f"| {name} | {w['candidates_per_run']:,} | {', '.join(f'{x:.2f}' for x in w['wall_seconds_by_run'])} "
                      f"| {w['median_wall_seconds']:.2f} | {w['candidates_per_second']:.1f} | "
                      f"{', '.join(f'{x:.1f}' for x in w['cpu_seconds_by_run'])} | "
@@ -249,7 +250,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=60, help="first N users with >= 5 items")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each way, alternating which goes first")
-    ap.add_argument("--batch-size", type=int, default=21, help="candidates per shared-prefix forward")
+    ap.add_argument("--batch-size", type=int, default=21, help="most candidates per shared-prefix forward")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=2024, help="numpy rng seed of the negative candidates")
     ap.add_argument("--device", default="cpu", help="LoadedModel device ('cpu'; 'auto'/'cuda' untested here)")

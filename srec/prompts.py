@@ -91,9 +91,10 @@ PREFERENCE_DIRECT = PromptTemplate(
 )
 
 # --- the recommender (MLLM-SRec / MLLM-MSR yes/no SFT) ---------------------------------------------
-# A prompt = the user part (profile, preference, recent items: shared by all of a user's candidates and
-# encoded once) + the item part (the candidate; image placed here) + the question; the answer is
-# "Yes." or "No.".
+# A prompt = the user part (profile, preference, recent items, then the question: everything that does not
+# depend on the candidate, shared by all of a user's candidates and encoded once) + the item part (the
+# candidate: its image and text, nothing else, so the per-candidate work is as short as it can be); the
+# answer is "Yes." or "No.".
 
 RECOMMEND_USER = PromptTemplate(
     name="recommend_user",
@@ -103,18 +104,25 @@ RECOMMEND_USER = PromptTemplate(
     template="{profile}\n{preference}Recent purchases, oldest first:\n{history}\n",
 )
 
+# The question closes the user part (revision 2 moved it there from after the candidate).
+RECOMMEND_QUESTION = PromptTemplate(
+    name="recommend_question",
+    revision=2,
+    template="Will the shopper buy the candidate item below next? Answer Yes. or No.\nCandidate item:\n",
+)
+
 RECOMMEND_ITEM = PromptTemplate(
     name="recommend_item",
-    revision=1,
-    template="Candidate item:\n{item}\nWill the shopper buy this item next? Answer Yes. or No.",
+    revision=2,
+    template="{item}",
 )
 
 # Chain of thought (MLLM-SRec): a reasoning step about how the preference matches the item, then the answer.
-RECOMMEND_COT_ITEM = PromptTemplate(
-    name="recommend_cot_item",
-    revision=1,
-    template=("Candidate item:\n{item}\nFirst reason in one sentence about how the shopper's preference matches "
-              "this item, then answer: will the shopper buy it next? Yes. or No."),
+RECOMMEND_COT_QUESTION = PromptTemplate(
+    name="recommend_cot_question",
+    revision=2,
+    template=("First reason in one sentence about how the shopper's preference matches the candidate item below, "
+              "then answer: will the shopper buy it next? Yes. or No.\nCandidate item:\n"),
 )
 
 RECOMMEND_COT_REASONING = PromptTemplate(
@@ -137,7 +145,8 @@ USER_PROFILE = PromptTemplate(
 
 ALL_PROMPTS: dict[str, PromptTemplate] = {
     p.name: p for p in (CAPTION_FUSED, CAPTION_TEXT_ONLY, PREFERENCE_FIRST_BLOCK, PREFERENCE_NEXT_BLOCK,
-                        PREFERENCE_DIRECT, USER_PROFILE, RECOMMEND_USER, RECOMMEND_ITEM, RECOMMEND_COT_ITEM,
+                        PREFERENCE_DIRECT, USER_PROFILE, RECOMMEND_USER, RECOMMEND_QUESTION, RECOMMEND_ITEM,
+                        RECOMMEND_COT_QUESTION,
                         RECOMMEND_COT_REASONING, RECOMMEND_COT_ANSWER)
 }
 

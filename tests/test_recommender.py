@@ -269,3 +269,17 @@ def test_store_moves_current_only_when_promoted(tmp_path):
     current = artifacts.pointer(tmp_path / "root", "c", "current")
     assert current["version"] == third.version and current["decision"]["promoted"] is True
     assert artifacts.load(tmp_path / "root", "c", kept.version).manifest["promotion"]["promoted"] is False
+
+
+def test_batches_are_planned_by_length_to_save_padding():
+    from srec.recommender.scoring import plan_batches
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(140, 310, 21).tolist()
+    batches = plan_batches(lengths, max_batch=21)
+    assert sorted(i for b in batches for i in b) == list(range(21))          # every candidate exactly once
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded < 21 * max(lengths)                                        # less than one padded batch
+    assert all(len(b) <= 8 for b in plan_batches(lengths, max_batch=8))
+    assert plan_batches([100] * 21, max_batch=32) == [list(range(21))]       # equal lengths: one call
+    assert plan_batches([], max_batch=4) == []

@@ -35,7 +35,7 @@ class PromptError(ValueError):
 @dataclass(frozen=True)
 class ItemView:
     """A candidate item as a prompt shows it."""
-    text: str                  # the lines under "Candidate item:"
+    text: str                  # the candidate's lines (under "Candidate item:")
     image_path: str | None     # sent as an image part; None: no image part
 
 
@@ -103,11 +103,16 @@ class PromptEncoder:
         return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def item_template(self):
-        return _prompts.RECOMMEND_COT_ITEM if self.cot else _prompts.RECOMMEND_ITEM
+        return _prompts.RECOMMEND_ITEM
+
+    def user_text(self, user: UserView) -> str:
+        """The shared part's text: the user, then the question (it does not depend on the candidate)."""
+        question = _prompts.RECOMMEND_COT_QUESTION if self.cot else _prompts.RECOMMEND_QUESTION
+        return user_body(user) + question.render()
 
     def render(self, user: UserView, item: ItemView, reasoning: str | None = None) -> tuple[str, str]:
         """(prefix text, suffix text); the suffix ends where the answer's first token is predicted."""
-        user_text = user_body(user)
+        user_text = self.user_text(user)
         item_text = self.item_template().render(item=item.text)
         full = self._render(self._messages(user_text, item, item_text, None), True)
         if full.count(SENTINEL) != 1:
@@ -122,7 +127,7 @@ class PromptEncoder:
     def _answer_ids(self, answer: str) -> list[int]:
         probe_user = UserView(profile="User profile: 1 purchase.", preference=None, history=("Probe item",))
         probe_item = ItemView(text="Title: probe", image_path=None)
-        user_text, item_text = user_body(probe_user), self.item_template().render(item=probe_item.text)
+        user_text, item_text = self.user_text(probe_user), self.item_template().render(item=probe_item.text)
         reasoning = _prompts.RECOMMEND_COT_ANSWER.render(reasoning="probe") if self.cot else ""
         gen = self._render(self._messages(user_text, probe_item, item_text, None), True).replace(SENTINEL, "")
         done = self._render(self._messages(user_text, probe_item, item_text, reasoning + (" " if self.cot else "")

@@ -29,9 +29,51 @@ def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
     return torch.sigmoid(last[:, yes_id] - last[:, no_id]).cpu().numpy().astype(np.float64)
 
 
+# What one more forward call costs, in suffix tokens' worth of compute: batching fewer, equal-length rows saves
+# padding but pays this per call (measured on the tiny model on CPU: ~4 ms a call, ~12 us a token).
+CALL_COST_TOKENS = 256
+
+
+def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
+    """Split candidates into batches that waste little on padding: sorted by length, cut where the padded tokens
+    saved outweigh the cost of another call (optimal for that cost model, by dynamic programming).
+
+    Every row of a batch is padded to its longest suffix, so one batch of 21 suffixes of 144..303 tokens
+    computes 21 x 303; two or three batches of similar lengths compute close to the sum of the lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n        # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - max_batch), j):   # rows i..j-1 in one batch, padded to the longest (j-1)
+            cost = best[i] + call_cost + (j - i) * lengths[order[j - 1]]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches, j = [], n
+    while j > 0:
+        batches.append(order[cut[j]:j])
+        j = cut[j]
+    return batches[::-1]
+
+
+def _suffix_mask(mask, prefix_len: int, dtype):
+    """The additive 4D mask [b, 1, q, prefix + q] of a left-padded suffix batch: every row sees the whole prefix,
+    and its own suffix causally, never a pad. Built once per batch and passed as is: with the 2D padding mask
+    the model builds a boolean one that attention converts to this form again in every layer (~10% of the
+    tiny model's scoring time on CPU)."""
+    import torch  # noqa: PLC0415
+
+    b, q = mask.shape
+    seen = torch.tril(torch.ones((q, q), dtype=torch.bool, device=mask.device)) & mask.bool()[:, None, :]
+    out = torch.zeros((b, 1, q, prefix_len + q), dtype=dtype, device=mask.device)
+    out[:, 0, :, prefix_len:].masked_fill_(~seen, torch.finfo(dtype).min)
+    return out
+
+
 def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[EncodedItem], *, yes_id: int, no_id: int,
                         pad_id: int, batch_size: int, device, dtype) -> np.ndarray:
-    """P(yes)/(P(yes)+P(no)) for every candidate of one user, the prefix encoded once."""
+    """P(yes)/(P(yes)+P(no)) for every candidate of one user, the prefix encoded once; suffixes batched by
+    length (``plan_batches``, at most ``batch_size`` a batch), scores returned in the candidates' order."""
     import torch  # noqa: PLC0415
     from transformers import DynamicCache  # noqa: PLC0415
 
@@ -40,23 +82,22 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
     with torch.inference_mode():
         pre = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1)
         kv = [(layer.keys, layer.values) for layer in pre.past_key_values.layers]
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
+        for rows in plan_batches([len(it.ids) for it in items], batch_size):
+            batch = [items[i] for i in rows]
             b = len(batch)
             ids, mask = pad_batch([it.ids for it in batch], pad_id, left=True)
             ids, mask = ids.to(device), mask.to(device)
             # A view of the prefix cache per row: the suffix's keys/values are appended to new tensors,
             # so the prefix tensors are shared, never copied or modified.
             cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
-            full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
             positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
             kwargs = {}
             pix = _pixel_values(batch, dtype, device)
             if pix is not None:
                 kwargs["pixel_values"] = pix
-            res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1, **kwargs)
-            out[start:start + b] = _p_yes(res.logits, yes_id, no_id)
+            res = model(input_ids=ids, attention_mask=_suffix_mask(mask, p, dtype), position_ids=positions,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+            out[rows] = _p_yes(res.logits, yes_id, no_id)
     return out
 
 
