@@ -6,4 +6,4 @@ bash "$ROOT/scripts/setup.sh"
 bash "$ROOT/scripts/setup_browser.sh"   # headless Chromium + ChromeDriver for tests/test_ui_browser.py
 source "$ROOT/scripts/env.sh"
 cd "$ROOT"
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=20 "$@"

@@ -154,8 +154,8 @@ def _seed(seed: int) -> None:
 # The output head's rows are scaled up from the 0.02-std init. Behind the final RMSNorm (hidden state of norm
 # ~sqrt(hidden_size)) default rows of norm ~0.16 keep every logit within about +-1.3: no fine-tuning could make
 # "Yes." likely (the SFT loss sat at ~6.5 nats over the 2,048-token vocabulary, the floor). x10 gives logits of
-# real-model magnitude. Greedy outputs and the zero-shot ranking are unchanged (argmax and yes-vs-no order are
-# invariant to the scale).
+# real-model magnitude. In exact arithmetic greedy outputs would not change; in float32 the random model's flat
+# logits have near-ties that flip, so its (gibberish) captions and summaries differ from builder v1's.
 LM_HEAD_SCALE = 10.0
 
 
