@@ -93,8 +93,9 @@ PREFERENCE_DIRECT = PromptTemplate(
 # --- the recommender (MLLM-SRec / MLLM-MSR yes/no SFT) ---------------------------------------------
 # A prompt = the user part (profile, preference, recent items, then the question: everything that does not
 # depend on the candidate, shared by all of a user's candidates and encoded once) + the item part (the
-# candidate: its image and text, nothing else, so the per-candidate work is as short as it can be); the
-# answer is "Yes." or "No.".
+# candidate's image and its text as is, nothing else, so the per-candidate work is as short as it can be);
+# the answer is "Yes." or "No.". Revision 2 of the question moved it from after the candidate into the user
+# part (the item template of revision 1, which held it, is gone).
 
 RECOMMEND_USER = PromptTemplate(
     name="recommend_user",
@@ -104,17 +105,10 @@ RECOMMEND_USER = PromptTemplate(
     template="{profile}\n{preference}Recent purchases, oldest first:\n{history}\n",
 )
 
-# The question closes the user part (revision 2 moved it there from after the candidate).
 RECOMMEND_QUESTION = PromptTemplate(
     name="recommend_question",
     revision=2,
     template="Will the shopper buy the candidate item below next? Answer Yes. or No.\nCandidate item:\n",
-)
-
-RECOMMEND_ITEM = PromptTemplate(
-    name="recommend_item",
-    revision=2,
-    template="{item}",
 )
 
 # Chain of thought (MLLM-SRec): a reasoning step about how the preference matches the item, then the answer.
@@ -124,6 +118,12 @@ RECOMMEND_COT_QUESTION = PromptTemplate(
     template=("First reason in one sentence about how the shopper's preference matches the candidate item below, "
               "then answer: will the shopper buy it next? Yes. or No.\nCandidate item:\n"),
 )
+
+
+def recommend_question(cot: bool) -> PromptTemplate:
+    """The question that closes the recommender prompt's user part."""
+    return RECOMMEND_COT_QUESTION if cot else RECOMMEND_QUESTION
+
 
 RECOMMEND_COT_REASONING = PromptTemplate(
     name="recommend_cot_reasoning",
@@ -145,8 +145,7 @@ USER_PROFILE = PromptTemplate(
 
 ALL_PROMPTS: dict[str, PromptTemplate] = {
     p.name: p for p in (CAPTION_FUSED, CAPTION_TEXT_ONLY, PREFERENCE_FIRST_BLOCK, PREFERENCE_NEXT_BLOCK,
-                        PREFERENCE_DIRECT, USER_PROFILE, RECOMMEND_USER, RECOMMEND_QUESTION, RECOMMEND_ITEM,
-                        RECOMMEND_COT_QUESTION,
+                        PREFERENCE_DIRECT, USER_PROFILE, RECOMMEND_USER, RECOMMEND_QUESTION, RECOMMEND_COT_QUESTION,
                         RECOMMEND_COT_REASONING, RECOMMEND_COT_ANSWER)
 }
 

@@ -102,19 +102,13 @@ class PromptEncoder:
         owner = self.processor if self.processor is not None else self.tokenizer
         return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-    def item_template(self):
-        return _prompts.RECOMMEND_ITEM
-
     def user_text(self, user: UserView) -> str:
         """The shared part's text: the user, then the question (it does not depend on the candidate)."""
-        question = _prompts.RECOMMEND_COT_QUESTION if self.cot else _prompts.RECOMMEND_QUESTION
-        return user_body(user) + question.render()
+        return user_body(user) + _prompts.recommend_question(self.cot).render()
 
     def render(self, user: UserView, item: ItemView, reasoning: str | None = None) -> tuple[str, str]:
         """(prefix text, suffix text); the suffix ends where the answer's first token is predicted."""
-        user_text = self.user_text(user)
-        item_text = self.item_template().render(item=item.text)
-        full = self._render(self._messages(user_text, item, item_text, None), True)
+        full = self._render(self._messages(self.user_text(user), item, item.text, None), True)
         if full.count(SENTINEL) != 1:
             raise PromptError("the chat template dropped or repeated the user text; cannot split the prompt")
         prefix, suffix = full.split(SENTINEL)
@@ -127,7 +121,7 @@ class PromptEncoder:
     def _answer_ids(self, answer: str) -> list[int]:
         probe_user = UserView(profile="User profile: 1 purchase.", preference=None, history=("Probe item",))
         probe_item = ItemView(text="Title: probe", image_path=None)
-        user_text, item_text = self.user_text(probe_user), self.item_template().render(item=probe_item.text)
+        user_text, item_text = self.user_text(probe_user), probe_item.text
         reasoning = _prompts.RECOMMEND_COT_ANSWER.render(reasoning="probe") if self.cot else ""
         gen = self._render(self._messages(user_text, probe_item, item_text, None), True).replace(SENTINEL, "")
         done = self._render(self._messages(user_text, probe_item, item_text, reasoning + (" " if self.cot else "")

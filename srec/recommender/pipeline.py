@@ -39,9 +39,8 @@ _T_ROWS = "_srec_rec_rows"
 
 
 def style_prompt_versions(variant: Variant) -> str:
-    question = _prompts.RECOMMEND_COT_QUESTION if variant.cot else _prompts.RECOMMEND_QUESTION
     extra = (_prompts.RECOMMEND_COT_REASONING, _prompts.RECOMMEND_COT_ANSWER) if variant.cot else ()
-    return _prompts.prompt_versions(_prompts.RECOMMEND_USER, question, _prompts.RECOMMEND_ITEM, *extra)
+    return _prompts.prompt_versions(_prompts.RECOMMEND_USER, _prompts.recommend_question(variant.cot), *extra)
 
 
 def is_tiny_model(folder: Path) -> bool:

@@ -30,7 +30,8 @@ def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
 
 
 # What one more forward call costs, in suffix tokens' worth of compute: batching fewer, equal-length rows saves
-# padding but pays this per call (measured on the tiny model on CPU: ~4 ms a call, ~12 us a token).
+# padding but pays this per call. Set from a one-off sweep on the scoring bench's users (tiny model, CPU):
+# 0 / 128 / 256 / 512 / 1024 / one batch took 8.2-9.4 / 4.2 / 4.0-4.2 / 4.3-4.5 / 4.7-5.0 / 4.6-5.0 s.
 CALL_COST_TOKENS = 256
 
 
@@ -38,8 +39,8 @@ def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_C
     """Split candidates into batches that waste little on padding: sorted by length, cut where the padded tokens
     saved outweigh the cost of another call (optimal for that cost model, by dynamic programming).
 
-    Every row of a batch is padded to its longest suffix, so one batch of 21 suffixes of 144..303 tokens
-    computes 21 x 303; two or three batches of similar lengths compute close to the sum of the lengths."""
+    Every row of a batch is padded to its longest suffix, so one batch of 21 suffixes of 106..265 tokens
+    computes 21 x 265; two or three batches of similar lengths compute close to the sum of the lengths."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     n = len(order)
     best = [0.0] + [float("inf")] * n        # best[j]: cost of the first j sorted rows
@@ -54,20 +55,6 @@ def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_C
         batches.append(order[cut[j]:j])
         j = cut[j]
     return batches[::-1]
-
-
-def _suffix_mask(mask, prefix_len: int, dtype):
-    """The additive 4D mask [b, 1, q, prefix + q] of a left-padded suffix batch: every row sees the whole prefix,
-    and its own suffix causally, never a pad. Built once per batch and passed as is: with the 2D padding mask
-    the model builds a boolean one that attention converts to this form again in every layer (~10% of the
-    tiny model's scoring time on CPU)."""
-    import torch  # noqa: PLC0415
-
-    b, q = mask.shape
-    seen = torch.tril(torch.ones((q, q), dtype=torch.bool, device=mask.device)) & mask.bool()[:, None, :]
-    out = torch.zeros((b, 1, q, prefix_len + q), dtype=dtype, device=mask.device)
-    out[:, 0, :, prefix_len:].masked_fill_(~seen, torch.finfo(dtype).min)
-    return out
 
 
 def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[EncodedItem], *, yes_id: int, no_id: int,
@@ -87,16 +74,17 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
             b = len(batch)
             ids, mask = pad_batch([it.ids for it in batch], pad_id, left=True)
             ids, mask = ids.to(device), mask.to(device)
-            # A view of the prefix cache per row: the suffix's keys/values are appended to new tensors,
-            # so the prefix tensors are shared, never copied or modified.
+            # A view of the prefix cache per row: each layer concatenates it with the suffix's keys/values into
+            # new tensors, so the prefix tensors are never modified and serve every batch.
             cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+            full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
             positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
             kwargs = {}
             pix = _pixel_values(batch, dtype, device)
             if pix is not None:
                 kwargs["pixel_values"] = pix
-            res = model(input_ids=ids, attention_mask=_suffix_mask(mask, p, dtype), position_ids=positions,
-                        past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+            res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1, **kwargs)
             out[rows] = _p_yes(res.logits, yes_id, no_id)
     return out
 
