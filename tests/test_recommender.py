@@ -227,33 +227,34 @@ def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path
 
 
 def test_sft_learns_the_answers_of_its_training_rows(tiny_models, images, tmp_path):
-    """The gradient reaches the answer: a few epochs on nine rows take the answer loss far below the uniform
-    floor (ln 2048 = 7.6 nats) and order every "Yes." row above every "No." row (on the tiny model, whose
-    output head can express a confident answer: LM_HEAD_SCALE)."""
+    """The gradient reaches the answer: training on nine rows (three "Yes.") takes the answer loss from above the
+    uniform floor (ln 2048 = 7.6 nats) to below what the label prior alone allows (H(1/3) / 3 answer tokens =
+    0.21 nats), and orders every "Yes." row above every "No." row. Needs an output head that can express a
+    confident answer (the tiny model's LM_HEAD_SCALE); with the default init the loss stays at ~6.5."""
     from srec.recommender.training import train_lora
 
     base = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
     enc = PromptEncoder(base, max_length=1024)
     fitted, encoded = _encode(enc, _user(), _items(images))
-    labels = [i % 3 == 0 for i in range(len(encoded))]
+    labels = np.array([i % 3 == 0 for i in range(len(encoded))])
     rows = [make_row(fitted.ids, e, enc.answer_ids[YES if y else NO]) for e, y in zip(encoded, labels)]
-    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": base.device, "dtype": base.dtype}
     pad = base.tokenizer.pad_token_id
 
-    def separation(model) -> float:
-        s = score_shared_prefix(model, fitted.ids, encoded, pad_id=pad, batch_size=8, **kw)
-        yes, no = s[np.array(labels)], s[~np.array(labels)]
-        return float((yes[:, None] > no[None, :]).mean())
+    def loss(model) -> float:
+        return answer_loss(model, rows, pad, base.device, base.dtype).item()
 
-    before = answer_loss(base.model, rows, pad, base.device, base.dtype).item()
-    model, result = train_lora(base.model, rows, separation,
-                               RecommenderSettings(epochs=12, batch_size=3, patience=0, learning_rate=1e-2,
-                                                   lora_dropout=0.0),
+    before = loss(base.model)
+    # "Validation" is the training loss (negated: higher is better), so the adapter returned is the best fit.
+    model, result = train_lora(base.model, rows, lambda m: -loss(m),
+                               RecommenderSettings(epochs=40, batch_size=3, patience=0, learning_rate=3e-3,
+                                                   lora_dropout=0.0, warmup_ratio=0.0),
                                pad_id=pad, device=base.device, dtype=base.dtype, work_dir=tmp_path / "w",
                                run_key="fit", log=lambda m: None)
-    after = answer_loss(model, rows, pad, base.device, base.dtype).item()
-    assert before > 5.0 and after < 1.0, (before, after, result.history)
-    assert separation(model) == 1.0, result.history
+    after = loss(model)
+    assert before > 7.0 and after < 0.15, (before, after, result.history)
+    s = score_shared_prefix(model, fitted.ids, encoded, yes_id=enc.yes_id, no_id=enc.no_id, pad_id=pad, batch_size=8,
+                            device=base.device, dtype=base.dtype)
+    assert s[labels].min() > s[~labels].max(), s
 
 
 # --- the promotion gate -----------------------------------------------------------------------------------
