@@ -50,8 +50,10 @@ from machine_info import machine_info, torch_info  # bench/ is on sys.path when 
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-DATA = ROOT.parent / "shared" / "data" / "amazon-beauty"
 sys.path.insert(0, str(ROOT))
+from srec.paths import SHARED_DATA_DIR  # noqa: E402
+
+DATA = SHARED_DATA_DIR / "amazon-beauty"
 
 TARGET_RATIO = 4.0
 AGREE_TOL = 1e-4

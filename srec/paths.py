@@ -12,4 +12,6 @@ DATA_DIR = Path(os.environ.get("SREC_DATA_DIR", PROJECT_ROOT / "data"))
 DEFAULT_DATABASE = DATA_DIR / "srec.duckdb"
 REPORTS_DIR = DATA_DIR / "reports"
 ARTIFACTS_DIR = DATA_DIR / "artifacts"   # image cache, adapters (git-ignored)
-SHARED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+# The real Amazon datasets the tests and benchmarks read (../shared/data beside the checkout, as in CI);
+# SREC_SHARED_DATA points elsewhere.
+SHARED_DATA_DIR = Path(os.environ.get("SREC_SHARED_DATA", PROJECT_ROOT.parent / "shared" / "data"))

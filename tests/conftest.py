@@ -16,6 +16,17 @@ SAMPLE_DIR = PROJECT_ROOT / "data" / "samples" / "beauty"
 BEAUTY_FULL = SHARED_DATA_DIR / "amazon-beauty"
 
 
+def pytest_sessionstart(session) -> None:
+    """The suite cuts its fixtures from the real shared datasets: without them, one clear error, not a mix of
+    skips and FileNotFoundErrors deep inside tests."""
+    needed = [BEAUTY_FULL / "user_sequence.txt", BEAUTY_FULL / "item_titles.csv",
+              SHARED_DATA_DIR / "amazon-scientific" / "Scientific.inter.json"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.exit(f"the tests need the shared Amazon data; missing: {', '.join(missing)}. Put the checkout beside "
+                    "shared/ (../shared/data) or set SREC_SHARED_DATA to the data folder.", returncode=4)
+
+
 @pytest.fixture
 def storage(tmp_path: Path):
     from resources import SrecStorage

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -16,8 +15,9 @@ from srec.baselines.evaluate import _hr_ndcg, evaluate_split
 from tests.loo_tables import read_p5_sequences, write_loo_tables
 from srec.baselines.run import popularity_scorer
 from srec.baselines.train import build_model, sequence_loss
+from srec.paths import SHARED_DATA_DIR
 
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "user_sequence.txt"
+BEAUTY = SHARED_DATA_DIR / "amazon-beauty" / "user_sequence.txt"
 CAT = "beauty_cut"
 FAST = dict(hidden_size=32, num_layers=1, max_epochs=1, patience=1, torch_threads=1, device="cpu")
 
@@ -25,8 +25,6 @@ FAST = dict(hidden_size=32, num_layers=1, max_epochs=1, patience=1, torch_thread
 @pytest.fixture(scope="module")
 def beauty_cut():
     """300 real Beauty users (last item test, second last valid), seeded 1+20 / 1+99 candidates."""
-    if not BEAUTY.exists():
-        pytest.skip(f"shared data not found: {BEAUTY}")
     seqs = read_p5_sequences(BEAUTY, limit_users=300)
     con = duckdb.connect()
     write_loo_tables(con, CAT, seqs, seed=7)

@@ -1,7 +1,6 @@
 """draw_eval_candidates: determinism, nesting, exclusion of interacted items, uniformity, errors."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -12,11 +11,9 @@ from srec.candidates import draw_eval_candidates
 from srec.config import FilterSettings
 from srec.db import ensure_tables
 from srec.sequences import build_interactions
+from srec.paths import SHARED_DATA_DIR
 
-BEAUTY = Path("/work/shared/data/amazon-beauty/user_sequence.txt")
-_local = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "user_sequence.txt"
-if _local.exists():
-    BEAUTY = _local
+BEAUTY = SHARED_DATA_DIR / "amazon-beauty" / "user_sequence.txt"
 CAT = "beauty_cut"
 
 

@@ -1,7 +1,6 @@
 """Each invariant passes on pipeline output and detects a planted violation."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -13,11 +12,9 @@ from srec.config import FilterSettings
 from srec.db import ensure_tables
 from srec.sequences import build_interactions
 from srec.tables import TABLES
+from srec.paths import SHARED_DATA_DIR
 
-BEAUTY = Path("/work/shared/data/amazon-beauty/user_sequence.txt")
-_local = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "user_sequence.txt"
-if _local.exists():
-    BEAUTY = _local
+BEAUTY = SHARED_DATA_DIR / "amazon-beauty" / "user_sequence.txt"
 CAT = "b"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -19,9 +18,10 @@ from srec.db import ensure_tables
 from srec.models.generation import GenerationRequest, GenerationResult, ModelIdentity
 from srec.preferences import PreferenceSettings, build_user_preferences, plan_preferences, step_request
 from srec.schemas import validate_partition
+from srec.paths import SHARED_DATA_DIR
 from tests.loo_tables import loo_frames, read_p5_sequences
 
-BEAUTY_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty"
+BEAUTY_DIR = SHARED_DATA_DIR / "amazon-beauty"
 CAT = "beauty_cut"
 HAND = "hand"
 IDENT = ModelIdentity("fake/echo", "fp0", (("do_sample", False), ("max_new_tokens", 64)))
@@ -94,8 +94,6 @@ def beauty_data():
     """The first 30 real Beauty users (P5 sequences, no times or ratings), their items' real titles;
     every third item has an ok caption naming its id, one more item a failed caption."""
     seq_file, titles_file = BEAUTY_DIR / "user_sequence.txt", BEAUTY_DIR / "item_titles.csv"
-    if not (seq_file.exists() and titles_file.exists()):
-        pytest.skip(f"shared data not found: {BEAUTY_DIR}")
     seqs = read_p5_sequences(seq_file, limit_users=30)
     inter, _ = loo_frames(CAT, seqs, protocols={"1+20": 1})
     items = sorted(set(inter["item_id"]))

@@ -1,7 +1,6 @@
 """build_interactions / user_histories on real Beauty cuts and hand-made cases."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -10,10 +9,9 @@ import pytest
 from srec.config import FilterSettings
 from srec.db import ensure_tables
 from srec.sequences import build_interactions, user_histories
+from srec.paths import SHARED_DATA_DIR
 
-BEAUTY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty" / "user_sequence.txt"
-if not BEAUTY.exists():  # the checkout may sit elsewhere; the shared data is at a fixed place here
-    BEAUTY = Path("/work/shared/data/amazon-beauty/user_sequence.txt")
+BEAUTY = SHARED_DATA_DIR / "amazon-beauty" / "user_sequence.txt"
 
 CAT = "beauty_cut"
 LOOSE = FilterSettings(user_k_core=5, item_k_core=1)  # the cut keeps every user (all have >= 5 items)
