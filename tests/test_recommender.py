@@ -1,4 +1,6 @@
 """The recommender's plain logic on the tiny LLaVA: prompts, answer ids, truncation, loss mask, scoring, adapters."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,25 @@ def test_mean_auc_counts_ties_half():
 
 
 
+def test_choice_stats_separate_the_yes_no_choice_from_the_answer_format():
+    import torch
+
+    from srec.recommender.training import TrainRow, answer_labels, choice_stats
+
+    yes, no, dot, eos = 5, 6, 7, 3
+    rows = [TrainRow([1, 2, yes, dot, eos], 3, None), TrainRow([1, no, dot, eos], 3, None),
+            TrainRow([1, 2, no, eos], 2, None)]  # a shorter answer: its choice is one position later
+    labels = answer_labels(rows, 3)
+    logits = torch.full((3, 3, 10), -30.0)
+    logits[0, 0, [yes, no]] = torch.tensor([2.0, 0.0])      # right, P(yes) = sigmoid(2)
+    logits[1, 0, [yes, no, 9]] = torch.tensor([0.0, 0.0, 0.0])  # chance, a third of the mass elsewhere
+    logits[2, 1, [yes, no]] = torch.tensor([1.0, 0.0])      # wrong, P(no) = sigmoid(-1)
+    log_loss, mass = choice_stats(logits, labels, rows, yes, no)
+    expected = (math.log1p(math.exp(-2.0)) + math.log(2.0) + math.log1p(math.exp(1.0))) / 3
+    assert log_loss == pytest.approx(expected, rel=1e-5)
+    assert mass == pytest.approx((1.0 + 2 / 3 + 1.0) / 3, rel=1e-5)
+
+
 def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path):
     from srec.recommender.training import train_lora
 
@@ -249,9 +270,14 @@ def test_sft_learns_the_answers_of_its_training_rows(tiny_models, images, tmp_pa
                                RecommenderSettings(epochs=40, batch_size=3, patience=0, learning_rate=3e-3,
                                                    lora_dropout=0.0, warmup_ratio=0.0),
                                pad_id=pad, device=base.device, dtype=base.dtype, work_dir=tmp_path / "w",
-                               run_key="fit", log=lambda m: None)
+                               run_key="fit", choice_ids=(enc.yes_id, enc.no_id), log=lambda m: None)
     after = loss(model)
     assert before > 7.0 and after < 0.15, (before, after, result.history)
+    # The per-epoch choice diagnostics follow the fit: the yes/no choice ends far below chance (ln 2 = 0.69)
+    # with most of the mass on the two answer tokens (measured 0.85 here).
+    first, last = result.history[0], result.history[-1]
+    assert last["train_choice_log_loss"] < 0.2 < first["train_choice_log_loss"], result.history
+    assert last["train_choice_mass"] > 0.5 > first["train_choice_mass"], result.history
     s = score_shared_prefix(model, fitted.ids, encoded, yes_id=enc.yes_id, no_id=enc.no_id, pad_id=pad, batch_size=8,
                             device=base.device, dtype=base.dtype)
     assert s[labels].min() > s[~labels].max(), s

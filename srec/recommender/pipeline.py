@@ -294,7 +294,7 @@ def train_variant(con, category: str, variant: Variant, loaded, settings: Recomm
     key = run_key(variant.name, settings.training_json(), loaded.fingerprint, data_key, seed)
     model, result = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
                                device=loaded.device, dtype=loaded.dtype, work_dir=work_dir, run_key=key,
-                               quantized=variant.adapter == "qlora",
+                               quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),
                                log=lambda m: log(f"{variant.name}: {m}"))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -4,7 +4,8 @@
   ``lm_head`` stay frozen and unadapted (``lora_target_modules``).
 - The loss is on the answer tokens only ("Yes." / "No." and the end-of-turn token the chat template puts
   after them): rows are left-padded so the answers end every row, and only the last positions' logits
-  are computed (``answer_loss``).
+  are computed (``answer_loss``). Each epoch also records how well the yes/no choice itself is fit
+  (``choice_stats``), which the answer loss alone hides.
 - AdamW, warmup then a linear / cosine / constant schedule, gradient accumulation, gradient clipping,
   a seed, and early stopping on the validation AUC (scored like the test, one forward pass per
   candidate on a shared prefix).
@@ -81,16 +82,41 @@ def batch_inputs(rows: Sequence[TrainRow], pad_id: int, device, dtype) -> dict:
     return inputs
 
 
-def answer_loss(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
-    """Mean cross-entropy over the answer tokens of a batch; nothing else contributes."""
-    import torch  # noqa: PLC0415
-
+def _answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
+    """(logits, labels), both [B, width]: the logits that predict the last ``width`` tokens and their labels."""
     width = max(r.answer_len for r in rows)
     out = model(**batch_inputs(rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
     logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1: these predict the last `width`
-    labels = answer_labels(rows, width).to(device)
+    return logits, answer_labels(rows, width).to(device)
+
+
+def _cross_entropy(logits, labels):
+    import torch  # noqa: PLC0415
+
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                              ignore_index=-100)
+
+
+def answer_loss(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
+    """Mean cross-entropy over the answer tokens of a batch; nothing else contributes."""
+    return _cross_entropy(*_answer_logits(model, rows, pad_id, device, dtype))
+
+
+def choice_stats(logits, labels, rows: Sequence[TrainRow], yes_id: int, no_id: int) -> tuple[float, float]:
+    """At each row's first answer token (where "Yes" / "No" is chosen): the log loss of the score the model is
+    ranked by, P(yes) / (P(yes) + P(no)), against the row's answer, and the probability mass on the two
+    answer tokens. The answer loss mixes both: a model can learn the answer format (mass -> 1) while its
+    yes/no choice stays at chance (log loss ln 2 = 0.693 on balanced rows); these tell the two apart."""
+    import torch  # noqa: PLC0415
+
+    width = labels.shape[1]
+    at = torch.tensor([width - r.answer_len for r in rows], device=logits.device)
+    first = logits[torch.arange(len(rows), device=logits.device), at]          # [B, vocab]
+    is_yes = (labels[torch.arange(len(rows), device=labels.device), at] == yes_id).float()
+    margin = first[:, yes_id] - first[:, no_id]
+    log_loss = torch.nn.functional.binary_cross_entropy_with_logits(margin, is_yes)
+    mass = first.softmax(-1)[:, [yes_id, no_id]].sum(-1).mean()
+    return float(log_loss), float(mass)
 
 
 @dataclass
@@ -125,8 +151,12 @@ def _batches(rows: Sequence[TrainRow], batch_size: int, rng: np.random.Generator
 
 def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], float], settings: RecommenderSettings,
                *, pad_id: int, device, dtype, work_dir: Path, run_key: str, quantized: bool = False,
+               choice_ids: tuple[int, int] | None = None,
                log: Callable[[str], None] = print) -> tuple[object, TrainResult]:
     """Wrap ``model`` with LoRA, train on ``rows``, early-stop on ``validate(model)`` (validation AUC).
+
+    ``choice_ids`` (the "Yes" and "No" token ids): when given, every epoch also records ``choice_stats`` on
+    its training batches (``train_choice_log_loss``, ``train_choice_mass`` in the history).
 
     Returns the PEFT model holding the *best* epoch's adapter (or the untrained one, when no epoch beat
     the base model) and what happened. ``work_dir/best`` holds that adapter in PEFT format.
@@ -189,13 +219,18 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
         t0 = time.perf_counter()
         peft_model.train()
         rng = np.random.default_rng(settings.seed + epoch)
-        losses = []
+        losses, choice = [], []
         optimizer.zero_grad(set_to_none=True)
         batches = _batches(rows, settings.batch_size, rng)
         for i, idx in enumerate(batches):
-            loss = answer_loss(peft_model, [rows[j] for j in idx], pad_id, device, dtype)
+            batch = [rows[j] for j in idx]
+            logits, labels = _answer_logits(peft_model, batch, pad_id, device, dtype)
+            loss = _cross_entropy(logits, labels)
             (loss / settings.grad_accumulation).backward()
             losses.append(float(loss.detach()))
+            if choice_ids is not None:
+                with torch.no_grad():
+                    choice.append((len(batch), *choice_stats(logits.detach(), labels, batch, *choice_ids)))
             if (i + 1) % settings.grad_accumulation == 0 or i + 1 == len(batches):
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
@@ -204,9 +239,17 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
         peft_model.eval()
         auc = validate(peft_model)
         improved = auc > result.best_valid_auc
-        result.history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": auc,
-                               "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)})
-        log(f"epoch {epoch}/{settings.epochs}: train loss {np.mean(losses):.4f}, valid AUC {auc:.4f}"
+        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": auc,
+                 "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
+        choice_note = ""
+        if choice:
+            n = np.array([c[0] for c in choice], dtype=float)
+            entry["train_choice_log_loss"] = float(np.average([c[1] for c in choice], weights=n))
+            entry["train_choice_mass"] = float(np.average([c[2] for c in choice], weights=n))
+            choice_note = (f" (yes/no choice log loss {entry['train_choice_log_loss']:.4f}, P(yes)+P(no) "
+                           f"{entry['train_choice_mass']:.3f})")
+        result.history.append(entry)
+        log(f"epoch {epoch}/{settings.epochs}: train loss {np.mean(losses):.4f}{choice_note}, valid AUC {auc:.4f}"
             + (" (best)" if improved else ""))
         if improved:
             result.best_epoch, result.best_valid_auc, since_best = epoch, auc, 0
