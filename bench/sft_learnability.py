@@ -84,11 +84,11 @@ def full_finetune(loaded, rows, validate, settings, lr: float, epochs: int, choi
         t0 = time.perf_counter()
         model.train()
         losses, choice = [], []
-        for idx in T._batches(rows, settings.batch_size, np.random.default_rng(settings.seed + epoch)):
+        for idx in T.length_batches(rows, settings.batch_size, np.random.default_rng(settings.seed + epoch)):
             batch = [rows[j] for j in idx]
-            logits, labels = T._answer_logits(model, batch, loaded.tokenizer.pad_token_id, loaded.device,
+            logits, labels = T.answer_logits(model, batch, loaded.tokenizer.pad_token_id, loaded.device,
                                               loaded.dtype)
-            loss = T._cross_entropy(logits, labels)
+            loss = T.answer_cross_entropy(logits, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             opt.step()

@@ -82,15 +82,17 @@ def batch_inputs(rows: Sequence[TrainRow], pad_id: int, device, dtype) -> dict:
     return inputs
 
 
-def _answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
-    """(logits, labels), both [B, width]: the logits that predict the last ``width`` tokens and their labels."""
+def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
+    """(logits [B, width, vocab], labels [B, width]): the logits that predict each row's last ``width`` tokens
+    (``width`` = the longest answer) and their labels, -100 where a shorter answer leaves a position out."""
     width = max(r.answer_len for r in rows)
     out = model(**batch_inputs(rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
     logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1: these predict the last `width`
     return logits, answer_labels(rows, width).to(device)
 
 
-def _cross_entropy(logits, labels):
+def answer_cross_entropy(logits, labels):
+    """Mean cross-entropy over the labelled (answer) positions of ``answer_logits``' output."""
     import torch  # noqa: PLC0415
 
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -99,7 +101,7 @@ def _cross_entropy(logits, labels):
 
 def answer_loss(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
     """Mean cross-entropy over the answer tokens of a batch; nothing else contributes."""
-    return _cross_entropy(*_answer_logits(model, rows, pad_id, device, dtype))
+    return answer_cross_entropy(*answer_logits(model, rows, pad_id, device, dtype))
 
 
 def choice_stats(logits, labels, rows: Sequence[TrainRow], yes_id: int, no_id: int) -> tuple[float, float]:
@@ -138,7 +140,7 @@ class TrainResult:
         return asdict(self)
 
 
-def _batches(rows: Sequence[TrainRow], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+def length_batches(rows: Sequence[TrainRow], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
     """Shuffled batches of similar-length rows (less padding), the batch order shuffled too."""
     order = rng.permutation(len(rows))
     window = batch_size * 32
@@ -221,11 +223,11 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
         rng = np.random.default_rng(settings.seed + epoch)
         losses, choice = [], []
         optimizer.zero_grad(set_to_none=True)
-        batches = _batches(rows, settings.batch_size, rng)
+        batches = length_batches(rows, settings.batch_size, rng)
         for i, idx in enumerate(batches):
             batch = [rows[j] for j in idx]
-            logits, labels = _answer_logits(peft_model, batch, pad_id, device, dtype)
-            loss = _cross_entropy(logits, labels)
+            logits, labels = answer_logits(peft_model, batch, pad_id, device, dtype)
+            loss = answer_cross_entropy(logits, labels)
             (loss / settings.grad_accumulation).backward()
             losses.append(float(loss.detach()))
             if choice_ids is not None:
