@@ -40,12 +40,9 @@ VARIANT = "lora:fused+recurrent"
 def pair_signal(con, category: str, history_items: int) -> dict:
     """Share of SFT targets whose positive title overlaps the history titles more than its negatives' do."""
     from srec.recommender.data import load_user_contexts
-    from title_overlap_reference import words
+    from title_overlap_reference import title_weights, words
 
-    titles = dict(con.execute("SELECT item_id, coalesce(any_value(title), '') FROM raw_items WHERE category = ? "
-                              "GROUP BY item_id", [category]).fetchall())
-    counts = collections.Counter(w for t in titles.values() for w in words(t))
-    weight = {w: 1 / math.log(2 + c) for w, c in counts.items()}
+    titles, weight = title_weights(con, category)
     history = {(c.user_id, c.target_seq_index): c.history_ids[-history_items:]
                for c in load_user_contexts(con, category, ["train"])}
     by_target: dict[tuple, dict[int, list[str]]] = collections.defaultdict(lambda: {0: [], 1: []})
@@ -64,11 +61,13 @@ def pair_signal(con, category: str, history_items: int) -> dict:
 
 
 def full_finetune(loaded, rows, validate, settings, lr: float, epochs: int, choice_ids, log) -> list[dict]:
-    """Every language-model weight trained on the answer loss (the LoRA trainer's batches and loss)."""
-    import numpy as np
+    """Every language-model weight trained on the answer loss, epoch by epoch as ``train_lora`` does (its
+    ``train_epoch``: same batches, loss and clipping), at a constant learning rate."""
+    import dataclasses
+
     import torch
 
-    from srec.recommender import training as T
+    from srec.recommender.training import train_epoch
 
     model = loaded.model
     frozen = ("vision_tower", "multi_modal_projector")
@@ -77,30 +76,15 @@ def full_finetune(loaded, rows, validate, settings, lr: float, epochs: int, choi
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     torch.manual_seed(settings.seed)
-    history = []
+    one_step = dataclasses.replace(settings, grad_accumulation=1)
     model.eval()
-    history.append({"epoch": 0, "valid_auc": validate(model)})
+    history = [{"epoch": 0, "valid_auc": validate(model)}]
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        losses, choice = [], []
-        for idx in T.length_batches(rows, settings.batch_size, np.random.default_rng(settings.seed + epoch)):
-            batch = [rows[j] for j in idx]
-            logits, labels = T.answer_logits(model, batch, loaded.tokenizer.pad_token_id, loaded.device,
-                                              loaded.dtype)
-            loss = T.answer_cross_entropy(logits, labels)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            choice.append((len(batch), *T.choice_stats(logits.detach(), labels, batch, *choice_ids)))
+        fit = train_epoch(model, rows, opt, params, one_step, epoch, pad_id=loaded.tokenizer.pad_token_id,
+                          device=loaded.device, dtype=loaded.dtype, choice_ids=choice_ids)
         model.eval()
-        n = np.array([c[0] for c in choice], dtype=float)
-        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-                 "train_choice_log_loss": float(np.average([c[1] for c in choice], weights=n)),
-                 "train_choice_mass": float(np.average([c[2] for c in choice], weights=n)),
-                 "valid_auc": validate(model), "seconds": round(time.perf_counter() - t0, 1)}
+        entry = {"epoch": epoch, **fit, "valid_auc": validate(model), "seconds": round(time.perf_counter() - t0, 1)}
         history.append(entry)
         log(f"full fine-tuning epoch {epoch}: {json.dumps(entry)}")
     return history
@@ -154,8 +138,9 @@ def main() -> None:
     loaded, encoder, rows, validate = load()
     choice_ids = (encoder.yes_id, encoder.no_id)
     t0 = time.perf_counter()
+    shutil.rmtree(WORK / "lora", ignore_errors=True)  # a fresh run every time, never a resumed one
     _, lora = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
-                         device=loaded.device, dtype=loaded.dtype, work_dir=WORK / "lora", run_key=str(time.time()),
+                         device=loaded.device, dtype=loaded.dtype, work_dir=WORK / "lora", run_key="study",
                          choice_ids=choice_ids, log=lambda m: print("LoRA " + m, flush=True))
     lora_seconds = time.perf_counter() - t0
     loaded, encoder, rows, validate = load()

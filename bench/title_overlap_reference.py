@@ -31,15 +31,20 @@ def words(title: str) -> set[str]:
     return {w for w in WORD.findall(title.lower()) if len(w) > 2}
 
 
+def title_weights(con, category: str) -> tuple[dict[str, str], dict[str, float]]:
+    """(item -> title, word -> weight): a word weighs 1 / log(2 + its count over all the category's titles)."""
+    titles = dict(con.execute("SELECT item_id, coalesce(any_value(title), '') FROM raw_items WHERE category = ? "
+                              "GROUP BY item_id", [category]).fetchall())
+    counts = collections.Counter(w for t in titles.values() for w in words(t))
+    return titles, {w: 1 / math.log(2 + c) for w, c in counts.items()}
+
+
 def overlap_auc(con, category: str, split: str, history: int) -> tuple[float, int]:
     import numpy as np
 
     from srec.recommender.scoring import mean_auc
 
-    titles = dict(con.execute("SELECT item_id, coalesce(any_value(title), '') FROM raw_items WHERE category = ? "
-                              "GROUP BY item_id", [category]).fetchall())
-    counts = collections.Counter(w for t in titles.values() for w in words(t))
-    weight = {w: 1 / math.log(2 + c) for w, c in counts.items()}
+    titles, weight = title_weights(con, category)
     # The items before the split's target, in order, per user.
     seqs: dict[str, list[str]] = collections.defaultdict(list)
     targets: dict[str, int] = {}

@@ -151,6 +151,41 @@ def length_batches(rows: Sequence[TrainRow], batch_size: int, rng: np.random.Gen
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: RecommenderSettings, epoch: int, *,
+                pad_id: int, device, dtype, scheduler=None, choice_ids: tuple[int, int] | None = None) -> dict:
+    """One pass over ``rows`` in ``length_batches`` (seeded by ``settings.seed + epoch``) on the answer loss, with
+    gradient accumulation and clipping; ``scheduler`` (if any) steps with the optimizer. Returns the epoch-mean
+    ``train_loss`` and, given ``choice_ids`` (the "Yes" and "No" token ids), the row-weighted epoch means of
+    ``choice_stats``: ``train_choice_log_loss`` and ``train_choice_mass``."""
+    import torch  # noqa: PLC0415
+
+    model.train()
+    losses, choice = [], []
+    optimizer.zero_grad(set_to_none=True)
+    batches = length_batches(rows, settings.batch_size, np.random.default_rng(settings.seed + epoch))
+    for i, idx in enumerate(batches):
+        batch = [rows[j] for j in idx]
+        logits, labels = answer_logits(model, batch, pad_id, device, dtype)
+        loss = answer_cross_entropy(logits, labels)
+        (loss / settings.grad_accumulation).backward()
+        losses.append(float(loss.detach()))
+        if choice_ids is not None:
+            with torch.no_grad():
+                choice.append((len(batch), *choice_stats(logits.detach(), labels, batch, *choice_ids)))
+        if (i + 1) % settings.grad_accumulation == 0 or i + 1 == len(batches):
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    out = {"train_loss": float(np.mean(losses))}
+    if choice:
+        n, log_loss, mass = (np.array(c, dtype=float) for c in zip(*choice))
+        out["train_choice_log_loss"] = float(np.average(log_loss, weights=n))
+        out["train_choice_mass"] = float(np.average(mass, weights=n))
+    return out
+
+
 def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], float], settings: RecommenderSettings,
                *, pad_id: int, device, dtype, work_dir: Path, run_key: str, quantized: bool = False,
                choice_ids: tuple[int, int] | None = None,
@@ -219,39 +254,18 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
         if result.stopped_early:
             break
         t0 = time.perf_counter()
-        peft_model.train()
-        rng = np.random.default_rng(settings.seed + epoch)
-        losses, choice = [], []
-        optimizer.zero_grad(set_to_none=True)
-        batches = length_batches(rows, settings.batch_size, rng)
-        for i, idx in enumerate(batches):
-            batch = [rows[j] for j in idx]
-            logits, labels = answer_logits(peft_model, batch, pad_id, device, dtype)
-            loss = answer_cross_entropy(logits, labels)
-            (loss / settings.grad_accumulation).backward()
-            losses.append(float(loss.detach()))
-            if choice_ids is not None:
-                with torch.no_grad():
-                    choice.append((len(batch), *choice_stats(logits.detach(), labels, batch, *choice_ids)))
-            if (i + 1) % settings.grad_accumulation == 0 or i + 1 == len(batches):
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        fit = train_epoch(peft_model, rows, optimizer, params, settings, epoch, pad_id=pad_id, device=device,
+                          dtype=dtype, scheduler=scheduler, choice_ids=choice_ids)
         peft_model.eval()
         auc = validate(peft_model)
         improved = auc > result.best_valid_auc
-        entry = {"epoch": epoch, "train_loss": float(np.mean(losses)), "valid_auc": auc,
-                 "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - t0, 2)}
-        choice_note = ""
-        if choice:
-            n = np.array([c[0] for c in choice], dtype=float)
-            entry["train_choice_log_loss"] = float(np.average([c[1] for c in choice], weights=n))
-            entry["train_choice_mass"] = float(np.average([c[2] for c in choice], weights=n))
-            choice_note = (f" (yes/no choice log loss {entry['train_choice_log_loss']:.4f}, P(yes)+P(no) "
-                           f"{entry['train_choice_mass']:.3f})")
+        entry = {"epoch": epoch, **fit, "valid_auc": auc, "lr": scheduler.get_last_lr()[0],
+                 "seconds": round(time.perf_counter() - t0, 2)}
+        choice_note = ("" if "train_choice_log_loss" not in fit else
+                       f" (yes/no choice log loss {fit['train_choice_log_loss']:.4f}, P(yes)+P(no) "
+                       f"{fit['train_choice_mass']:.3f})")
         result.history.append(entry)
-        log(f"epoch {epoch}/{settings.epochs}: train loss {np.mean(losses):.4f}{choice_note}, valid AUC {auc:.4f}"
+        log(f"epoch {epoch}/{settings.epochs}: train loss {fit['train_loss']:.4f}{choice_note}, valid AUC {auc:.4f}"
             + (" (best)" if improved else ""))
         if improved:
             result.best_epoch, result.best_valid_auc, since_best = epoch, auc, 0
