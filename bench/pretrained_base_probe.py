@@ -154,17 +154,16 @@ def main() -> None:
     ap.add_argument("--pretrain-lr", type=float, default=3e-3)
     ap.add_argument("--sft-epochs", type=int, default=3)
     ap.add_argument("--full-lr", type=float, default=3e-4)
+    ap.add_argument("--tag", default="", help="suffix of the results files' names (pretrained_base_probe<tag>.*)")
     args = ap.parse_args()
     import duckdb
 
-    from sft_learnability import full_finetune
+    from sft_learnability import lora_and_full, sft_table
     from srec.config import load_categories
     from srec.models.runner import LoadedModel, RunnerSettings
     from srec.recommender import pipeline as P
     from srec.recommender.data import load_items
-    from srec.recommender.encoding import PromptEncoder
     from srec.recommender.settings import RecommenderSettings, Variant
-    from srec.recommender.training import train_lora
 
     started = time.perf_counter()
     shutil.rmtree(WORK, ignore_errors=True)  # a fresh run every time, never a resumed one
@@ -197,27 +196,12 @@ def main() -> None:
     probe_pretrained = lm_probe(base.model, base.tokenizer, con, args.category, users, settings, items)
     say(f"language-model probe, pretrained base: {json.dumps(probe_pretrained)}")
 
-    def load():
-        loaded = LoadedModel(RunnerSettings(model=str(pretrained), device="cpu", dtype="float32"))
-        encoder = PromptEncoder(loaded, max_length=settings.max_length)
-        rows = P.load_train_rows(con, args.category, variant.style, encoder, loaded)
-        _, validate = P.validation_scorer(con, args.category, variant, loaded, settings, seed=cfg.seed, items=items)
-        return loaded, encoder, rows, validate
-
-    loaded = LoadedModel(RunnerSettings(model=str(pretrained), device="cpu", dtype="float32"))
-    P.build_sft_examples(con, args.category, loaded, settings, seed=cfg.seed, log=lambda m: None)
-    loaded, encoder, rows, validate = load()
-    choice_ids = (encoder.yes_id, encoder.no_id)
-    t0 = time.perf_counter()
-    _, lora = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
-                         device=loaded.device, dtype=loaded.dtype, work_dir=WORK / "lora", run_key="probe",
-                         choice_ids=choice_ids, log=lambda m: say("LoRA " + m))
-    lora_seconds = time.perf_counter() - t0
-    loaded, encoder, rows, validate = load()
-    t0 = time.perf_counter()
-    full = full_finetune(loaded, rows, validate, settings, args.full_lr, args.sft_epochs, choice_ids, say)
-    full_seconds = time.perf_counter() - t0
-    trainable_full = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    # The SFT rows rebuilt with the pretrained base, so they (and their lineage columns) name the model trained.
+    P.build_sft_examples(con, args.category, LoadedModel(RunnerSettings(model=str(pretrained), device="cpu",
+                                                                        dtype="float32")),
+                         settings, seed=cfg.seed, log=lambda m: None)
+    runs = lora_and_full(con, args.category, str(pretrained), settings, cfg.seed, items, WORK / "lora", args.full_lr,
+                         log=say)
 
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -226,15 +210,12 @@ def main() -> None:
         "corpus": corpus_info, "pretraining": {"epochs": pre_history, "learning_rate": args.pretrain_lr,
                                                "seconds": round(pretrain_seconds, 1)},
         "lm_probe": {"random_base": probe_random, "pretrained_base": probe_pretrained},
-        "settings": settings.training_json(), "train_rows": len(rows), "coin_flip_log_loss": round(math.log(2), 4),
-        "lora": {"trainable_parameters": lora.trainable_parameters, "base_valid_auc": lora.base_valid_auc,
-                 "history": lora.history, "seconds": round(lora_seconds, 1)},
-        "full_finetune": {"learning_rate": args.full_lr, "trainable_parameters": trainable_full, "history": full,
-                          "seconds": round(full_seconds, 1)},
+        "settings": settings.training_json(), "train_rows": runs["train_rows"],
+        "coin_flip_log_loss": round(math.log(2), 4), "lora": runs["lora"], "full_finetune": runs["full_finetune"],
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "pretrained_base_probe"
+    out = RESULTS / f"pretrained_base_probe{args.tag}"
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     pr, pp = probe_random, probe_pretrained
     lines = [
@@ -253,15 +234,9 @@ def main() -> None:
         f"| pretrained | {pp['cond_auc']:.4f} | {pp['uncond_auc']:.4f} | {pp['pmi_auc']:.4f} |", "",
         "## Yes/no SFT on the pretrained base (the demo's rows rebuilt with it)", "",
         f"Choice log loss: -log P(row's answer) with P(yes)/(P(yes)+P(no)) at the first answer token, on the "
-        f"{len(rows):,} training rows; {math.log(2):.3f} (ln 2) is a coin flip. Epoch 0: the base, zero-shot.", "",
-        "| training | trainable params | epoch | answer loss | choice log loss | P(yes)+P(no) | valid AUC | s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, params, hist, zero in (
-            (f"LoRA (lr {settings.learning_rate})", lora.trainable_parameters, lora.history, lora.base_valid_auc),
-            (f"full fine-tuning (lr {args.full_lr})", trainable_full, full[1:], full[0]["valid_auc"])):
-        lines.append(f"| {name} | {params:,} | 0 | | | | {zero:.4f} | |")
-        lines += [f"| | | {h['epoch']} | {h['train_loss']:.4f} | {h['train_choice_log_loss']:.4f} | "
-                  f"{h['train_choice_mass']:.3f} | {h['valid_auc']:.4f} | {h['seconds']:.0f} |" for h in hist]
+        f"{runs['train_rows']:,} training rows; {math.log(2):.3f} (ln 2) is a coin flip. Epoch 0: the base, "
+        "zero-shot.", ""]
+    lines += sft_table(runs, settings.learning_rate)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
 

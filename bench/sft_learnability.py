@@ -90,6 +90,64 @@ def full_finetune(loaded, rows, validate, settings, lr: float, epochs: int, choi
     return history
 
 
+def lora_and_full(con, category: str, model_path: str, settings, seed: int, items, work: Path, full_lr: float, *,
+                  fingerprint: str | None = None, log=print) -> dict:
+    """The category's ``sft_examples`` (of ``VARIANT``'s style) trained two ways from ``model_path``: LoRA through
+    ``train_lora`` (a fresh run in ``work``), then full fine-tuning of a fresh load of the same base on the same
+    rows, ``settings.epochs`` epochs each, validated on the category's seeded valid users. ``fingerprint``: the
+    model the rows were built for, checked when given."""
+    from srec.models.runner import LoadedModel, RunnerSettings
+    from srec.recommender import pipeline as P
+    from srec.recommender.encoding import PromptEncoder
+    from srec.recommender.settings import Variant
+    from srec.recommender.training import train_lora
+
+    variant = Variant.parse(VARIANT)
+
+    def load():
+        loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
+        if fingerprint is not None and loaded.fingerprint != fingerprint:
+            sys.exit(f"{model_path} is not the model the sft_examples were built for: run scripts/demo.sh again")
+        encoder = PromptEncoder(loaded, max_length=settings.max_length)
+        rows = P.load_train_rows(con, category, variant.style, encoder, loaded)
+        _, validate = P.validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
+        return loaded, (encoder.yes_id, encoder.no_id), rows, validate
+
+    loaded, choice_ids, rows, validate = load()
+    t0 = time.perf_counter()
+    shutil.rmtree(work, ignore_errors=True)  # a fresh run every time, never a resumed one
+    _, lora = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
+                         device=loaded.device, dtype=loaded.dtype, work_dir=work, run_key="study",
+                         choice_ids=choice_ids, log=lambda m: log("LoRA " + m))
+    lora_seconds = time.perf_counter() - t0
+    loaded, choice_ids, rows, validate = load()
+    t0 = time.perf_counter()
+    full = full_finetune(loaded, rows, validate, settings, full_lr, settings.epochs, choice_ids, log)
+    return {
+        "train_rows": len(rows),
+        "lora": {"trainable_parameters": lora.trainable_parameters, "base_valid_auc": lora.base_valid_auc,
+                 "history": lora.history, "seconds": round(lora_seconds, 1)},
+        "full_finetune": {"learning_rate": full_lr,
+                          "trainable_parameters": sum(p.numel() for p in loaded.model.parameters() if p.requires_grad),
+                          "history": full, "seconds": round(time.perf_counter() - t0, 1)},
+    }
+
+
+def sft_table(runs: dict, lora_lr: float) -> list[str]:
+    """Markdown table of ``lora_and_full``'s two runs, epoch by epoch (epoch 0: the base, no training)."""
+    lora, full = runs["lora"], runs["full_finetune"]
+    lines = ["| training | trainable params | epoch | answer loss | choice log loss | P(yes)+P(no) | valid AUC | s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, params, hist, base in (
+            (f"LoRA (lr {lora_lr})", lora["trainable_parameters"], lora["history"], lora["base_valid_auc"]),
+            (f"full fine-tuning (lr {full['learning_rate']})", full["trainable_parameters"], full["history"][1:],
+             full["history"][0]["valid_auc"])):
+        lines.append(f"| {name} | {params:,} | 0 | | | | {base:.4f} | |")
+        lines += [f"| | | {h['epoch']} | {h['train_loss']:.4f} | {h['train_choice_log_loss']:.4f} | "
+                  f"{h['train_choice_mass']:.3f} | {h['valid_auc']:.4f} | {h['seconds']:.0f} |" for h in hist]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--db", default=str(ROOT / "data" / "srec.duckdb"))
@@ -101,12 +159,8 @@ def main() -> None:
     import duckdb
 
     from srec.config import load_categories
-    from srec.models.runner import LoadedModel, RunnerSettings
-    from srec.recommender import pipeline as P
     from srec.recommender.data import load_items
-    from srec.recommender.encoding import PromptEncoder
     from srec.recommender.settings import RecommenderSettings, Variant
-    from srec.recommender.training import train_lora
 
     started = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -126,40 +180,16 @@ def main() -> None:
     signal = pair_signal(con, args.category, settings.history_items)
     print(f"signal: {json.dumps(signal)}", flush=True)
 
-    def load():
-        loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
-        if loaded.fingerprint != fingerprint:
-            sys.exit(f"{model_path} is not the model the sft_examples were built for: run scripts/demo.sh again")
-        encoder = PromptEncoder(loaded, max_length=settings.max_length)
-        rows = P.load_train_rows(con, args.category, variant.style, encoder, loaded)
-        _, validate = P.validation_scorer(con, args.category, variant, loaded, settings, seed=cfg.seed, items=items)
-        return loaded, encoder, rows, validate
-
-    loaded, encoder, rows, validate = load()
-    choice_ids = (encoder.yes_id, encoder.no_id)
-    t0 = time.perf_counter()
-    shutil.rmtree(WORK / "lora", ignore_errors=True)  # a fresh run every time, never a resumed one
-    _, lora = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
-                         device=loaded.device, dtype=loaded.dtype, work_dir=WORK / "lora", run_key="study",
-                         choice_ids=choice_ids, log=lambda m: print("LoRA " + m, flush=True))
-    lora_seconds = time.perf_counter() - t0
-    loaded, encoder, rows, validate = load()
-    t0 = time.perf_counter()
-    full = full_finetune(loaded, rows, validate, settings, args.full_lr, args.epochs, choice_ids,
-                         lambda m: print(m, flush=True))
-    full_seconds = time.perf_counter() - t0
-    trainable_full = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    runs = lora_and_full(con, args.category, model_path, settings, cfg.seed, items, WORK / "lora", args.full_lr,
+                         fingerprint=fingerprint, log=lambda m: print(m, flush=True))
 
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python bench/sft_learnability.py " + " ".join(sys.argv[1:]),
         "database": args.db, "category": args.category, "variant": VARIANT, "model": model_path,
-        "model_fingerprint": fingerprint, "train_rows": len(rows),
+        "model_fingerprint": fingerprint, "train_rows": runs["train_rows"],
         "settings": settings.training_json(), "signal": signal, "coin_flip_log_loss": round(math.log(2), 4),
-        "lora": {"trainable_parameters": lora.trainable_parameters, "base_valid_auc": lora.base_valid_auc,
-                 "history": lora.history, "seconds": round(lora_seconds, 1)},
-        "full_finetune": {"learning_rate": args.full_lr, "trainable_parameters": trainable_full,
-                          "history": full, "seconds": round(full_seconds, 1)},
+        "lora": runs["lora"], "full_finetune": runs["full_finetune"],
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -168,21 +198,14 @@ def main() -> None:
     lines = ["# Can the tiny model learn the yes/no choice? SFT diagnostics on the demo's rows", "",
              f"{result['date']}; `{result['command'].strip()}`; database `{Path(args.db).name}` (a copy), category "
              f"`{args.category}`, variant `{VARIANT}`, model `{Path(model_path).name}` (fingerprint {fingerprint}), "
-             f"{len(rows):,} SFT rows; validation: 1+20 valid candidates of {settings.valid_users or 'all'} seeded "
-             f"users; total {result['total_seconds']:.0f} s.", "",
+             f"{runs['train_rows']:,} SFT rows; validation: 1+20 valid candidates of "
+             f"{settings.valid_users or 'all'} seeded users; total {result['total_seconds']:.0f} s.", "",
              f"Signal in the rows: the positive's title shares more rarity-weighted words with the prompt's "
              f"{settings.history_items} history titles than the negative's in **{signal['pair_accuracy']:.3f}** of "
              f"{signal['pairs']:,} pairs (ties half).", "",
              "Choice log loss: -log of the score's probability for the row's answer, P(yes)/(P(yes)+P(no)) at the "
-             f"first answer token, on the training rows: {math.log(2):.3f} (ln 2) is a coin flip.", "",
-             "| training | trainable params | epoch | answer loss | choice log loss | P(yes)+P(no) | valid AUC | s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, params, hist, base in (
-            (f"LoRA (lr {settings.learning_rate})", lora.trainable_parameters, lora.history, lora.base_valid_auc),
-            (f"full fine-tuning (lr {args.full_lr})", trainable_full, full[1:], full[0]["valid_auc"])):
-        lines.append(f"| {name} | {params:,} | 0 | | | | {base:.4f} | |")
-        lines += [f"| | | {h['epoch']} | {h['train_loss']:.4f} | {h['train_choice_log_loss']:.4f} | "
-                  f"{h['train_choice_mass']:.3f} | {h['valid_auc']:.4f} | {h['seconds']:.0f} |" for h in hist]
+             f"first answer token, on the training rows: {math.log(2):.3f} (ln 2) is a coin flip.", ""]
+    lines += sft_table(runs, settings.learning_rate)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
 
