@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -156,24 +155,14 @@ def main() -> None:
     ap.add_argument("--full-lr", type=float, default=3e-4)
     ap.add_argument("--tag", default="", help="suffix of the results files' names (pretrained_base_probe<tag>.*)")
     args = ap.parse_args()
-    import duckdb
-
-    from sft_learnability import lora_and_full, sft_table
-    from srec.config import load_categories
+    from sft_learnability import demo_copy, lora_and_full, sft_table
     from srec.models.runner import LoadedModel, RunnerSettings
     from srec.recommender import pipeline as P
     from srec.recommender.data import load_items
-    from srec.recommender.settings import RecommenderSettings, Variant
+    from srec.recommender.settings import Variant
 
     started = time.perf_counter()
-    shutil.rmtree(WORK, ignore_errors=True)  # a fresh run every time, never a resumed one
-    WORK.mkdir(parents=True)
-    db = WORK / "copy.duckdb"
-    shutil.copy(args.db, db)
-    con = duckdb.connect(str(db))
-    cfg = load_categories()[args.category]
-    settings = RecommenderSettings.from_mapping(cfg.recommender, variants=(VARIANT,), epochs=args.sft_epochs,
-                                                patience=0)
+    con, cfg, settings = demo_copy(args.db, WORK, args.category, args.sft_epochs, fresh=True)
     variant = Variant.parse(VARIANT)
     (random_base,) = con.execute("SELECT any_value(model) FROM sft_examples WHERE category = ? AND style = ?",
                                  [args.category, variant.style]).fetchone()

@@ -90,37 +90,37 @@ def full_finetune(loaded, rows, validate, settings, lr: float, epochs: int, choi
     return history
 
 
-def lora_and_full(con, category: str, model_path: str, settings, seed: int, items, work: Path, full_lr: float, *,
-                  fingerprint: str | None = None, log=print) -> dict:
-    """The category's ``sft_examples`` (of ``VARIANT``'s style) trained two ways from ``model_path``: LoRA through
-    ``train_lora`` (a fresh run in ``work``), then full fine-tuning of a fresh load of the same base on the same
-    rows, ``settings.epochs`` epochs each, validated on the category's seeded valid users. ``fingerprint``: the
-    model the rows were built for, checked when given."""
-    from srec.models.runner import LoadedModel, RunnerSettings
-    from srec.recommender import pipeline as P
-    from srec.recommender.encoding import PromptEncoder
-    from srec.recommender.settings import Variant
+def demo_copy(db_path: str, work: Path, category: str, epochs: int, *, variant: str = VARIANT, fresh: bool = False):
+    """(connection to a copy of the demo's database in ``work``, the category's config, its recommender settings
+    for ``variant`` with ``epochs`` epochs and no early stopping). ``fresh``: ``work`` emptied first."""
+    import duckdb
+
+    from srec.config import load_categories
+    from srec.recommender.settings import RecommenderSettings
+
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)  # a fresh run every time, never a resumed one
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy(db_path, work / "copy.duckdb")
+    cfg = load_categories()[category]
+    settings = RecommenderSettings.from_mapping(cfg.recommender, variants=(variant,), epochs=epochs, patience=0)
+    return duckdb.connect(str(work / "copy.duckdb")), cfg, settings
+
+
+def lora_then_full(setup, settings, work: Path, full_lr: float, log=print) -> dict:
+    """The same rows trained two ways, each from a fresh ``setup()`` (-> loaded base, (yes id, no id), rows,
+    validate): LoRA through ``train_lora`` (a fresh run in ``work``), then full fine-tuning, ``settings.epochs``
+    epochs each."""
     from srec.recommender.training import train_lora
 
-    variant = Variant.parse(VARIANT)
-
-    def load():
-        loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
-        if fingerprint is not None and loaded.fingerprint != fingerprint:
-            sys.exit(f"{model_path} is not the model the sft_examples were built for: run scripts/demo.sh again")
-        encoder = PromptEncoder(loaded, max_length=settings.max_length)
-        rows = P.load_train_rows(con, category, variant.style, encoder, loaded)
-        _, validate = P.validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
-        return loaded, (encoder.yes_id, encoder.no_id), rows, validate
-
-    loaded, choice_ids, rows, validate = load()
+    loaded, choice_ids, rows, validate = setup()
     t0 = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)  # a fresh run every time, never a resumed one
     _, lora = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
                          device=loaded.device, dtype=loaded.dtype, work_dir=work, run_key="study",
                          choice_ids=choice_ids, log=lambda m: log("LoRA " + m))
     lora_seconds = time.perf_counter() - t0
-    loaded, choice_ids, rows, validate = load()
+    loaded, choice_ids, rows, validate = setup()
     t0 = time.perf_counter()
     full = full_finetune(loaded, rows, validate, settings, full_lr, settings.epochs, choice_ids, log)
     return {
@@ -131,6 +131,30 @@ def lora_and_full(con, category: str, model_path: str, settings, seed: int, item
                           "trainable_parameters": sum(p.numel() for p in loaded.model.parameters() if p.requires_grad),
                           "history": full, "seconds": round(time.perf_counter() - t0, 1)},
     }
+
+
+def lora_and_full(con, category: str, model_path: str, settings, seed: int, items, work: Path, full_lr: float, *,
+                  fingerprint: str | None = None, log=print) -> dict:
+    """``lora_then_full`` on the category's ``sft_examples`` (of ``VARIANT``'s style) from ``model_path``,
+    validated on the category's seeded valid users. ``fingerprint``: the model the rows were built for,
+    checked when given."""
+    from srec.models.runner import LoadedModel, RunnerSettings
+    from srec.recommender import pipeline as P
+    from srec.recommender.encoding import PromptEncoder
+    from srec.recommender.settings import Variant
+
+    variant = Variant.parse(VARIANT)
+
+    def setup():
+        loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
+        if fingerprint is not None and loaded.fingerprint != fingerprint:
+            sys.exit(f"{model_path} is not the model the sft_examples were built for: run scripts/demo.sh again")
+        encoder = PromptEncoder(loaded, max_length=settings.max_length)
+        rows = P.load_train_rows(con, category, variant.style, encoder, loaded)
+        _, validate = P.validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
+        return loaded, (encoder.yes_id, encoder.no_id), rows, validate
+
+    return lora_then_full(setup, settings, work, full_lr, log)
 
 
 def sft_table(runs: dict, lora_lr: float) -> list[str]:
@@ -156,20 +180,11 @@ def main() -> None:
     ap.add_argument("--full-lr", type=float, default=1e-3)
     ap.add_argument("--tag", default="", help="suffix of the results files' names (sft_learnability<tag>.*)")
     args = ap.parse_args()
-    import duckdb
-
-    from srec.config import load_categories
     from srec.recommender.data import load_items
-    from srec.recommender.settings import RecommenderSettings, Variant
+    from srec.recommender.settings import Variant
 
     started = time.perf_counter()
-    WORK.mkdir(parents=True, exist_ok=True)
-    db = WORK / "copy.duckdb"
-    shutil.copy(args.db, db)
-    con = duckdb.connect(str(db))
-    cfg = load_categories()[args.category]
-    settings = RecommenderSettings.from_mapping(cfg.recommender, variants=(VARIANT,), epochs=args.epochs,
-                                                patience=0)
+    con, cfg, settings = demo_copy(args.db, WORK, args.category, args.epochs)
     variant = Variant.parse(VARIANT)
     model_path, fingerprint, n_rows = con.execute(
         "SELECT any_value(model), any_value(model_fingerprint), count(*) FROM sft_examples WHERE category = ? "

@@ -35,8 +35,6 @@ import argparse
 import collections
 import datetime as dt
 import json
-import re
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -52,11 +50,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 VARIANT = "lora:text+none"
 # Words that say nothing about what an item is (sizes, counts, articles): left out of both rules.
-STOP = set("the and for with oz fl ml pack count set ounce ounces piece pieces pcs inch".split())
+STOP = frozenset("the and for with oz fl ml pack count set ounce ounces piece pieces pcs inch".split())
 
 
 def title_words(title: str | None) -> frozenset[str]:
-    return frozenset(w for w in re.findall(r"[a-z]+", (title or "").lower()) if len(w) > 2 and w not in STOP)
+    """``title_overlap_reference.words`` (3+ letters or digits), less the STOP words."""
+    from title_overlap_reference import words
+
+    return frozenset(words(title or "")) - STOP
 
 
 def half_cover_words(words_of: dict[str, frozenset[str]]) -> set[str]:
@@ -121,93 +122,62 @@ def planted_groups(contexts, words_of, rule, sample):
     return groups
 
 
-def run(name: str, loaded_factory, groups, validate_groups, settings, items, work: Path, full_lr: float, *,
-        real_valid=None, log=print) -> dict:
-    """Two trainings on ``groups`` ([yes, no] per context), each from a fresh load of the base: LoRA through
-    ``train_lora`` (the shipped path), then every language-model weight (``sft_learnability.full_finetune``: the
-    same batches, answer loss and clipping, constant ``full_lr``). Validated on ``validate_groups`` (pairs: AUC
-    over pairs) or, for the real labels, on ``real_valid`` (1+20 candidate groups: mean AUC), always through
-    the shared-prefix scorer."""
-    from sft_learnability import full_finetune
+def run(name: str, model_path: str, groups, validation_groups, settings, items, work: Path, full_lr: float,
+        log=print) -> dict:
+    """``sft_learnability.lora_then_full`` on ``groups`` ([yes item, no item] per context), validated through
+    the shared-prefix scorer on ``validation_groups``: the mean AUC of each group's first item against the rest
+    (for [yes, no] pairs: the share of pairs ordered right, ties half)."""
+    from sft_learnability import lora_then_full
 
+    from srec.models.runner import LoadedModel, RunnerSettings
     from srec.recommender import pipeline as P
     from srec.recommender.encoding import NO, YES, PromptEncoder
     from srec.recommender.scoring import mean_auc
     from srec.recommender.settings import Variant
-    from srec.recommender.training import make_row, train_lora
+    from srec.recommender.training import make_row
 
     variant = Variant.parse(VARIANT)
+    size = len(validation_groups[0][1])
 
     def setup():
-        loaded = loaded_factory()
+        loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
         encoder = PromptEncoder(loaded, max_length=settings.max_length)
         rows = [make_row(up.prefix_ids, e, encoder.answer_ids[YES if k == 0 else NO])
                 for up in P.build_prompts(encoder, variant, groups, items, settings) for k, e in enumerate(up.encoded)]
-        held = P.build_prompts(encoder, variant, real_valid or validate_groups, items, settings)
-        size = len(held[0].item_ids)
+        held = P.build_prompts(encoder, variant, validation_groups, items, settings)
 
         def validate(model) -> float:
             return mean_auc(np.concatenate(P.score_prompts(model, held, encoder, settings, loaded)), size)
 
-        return loaded, (encoder.yes_id, encoder.no_id), rows, validate, len(held), size
+        return loaded, (encoder.yes_id, encoder.no_id), rows, validate
 
-    loaded, choice_ids, rows, validate, n_held, size = setup()
-    shutil.rmtree(work, ignore_errors=True)
-    t0 = time.perf_counter()
-    _, lora = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
-                         device=loaded.device, dtype=loaded.dtype, work_dir=work, run_key=name,
-                         choice_ids=choice_ids, log=lambda m: log(f"{name}: LoRA {m}"))
-    lora_seconds = time.perf_counter() - t0
-    loaded, choice_ids, rows, validate, _, _ = setup()
-    t0 = time.perf_counter()
-    full = full_finetune(loaded, rows, validate, settings, full_lr, settings.epochs, choice_ids,
-                         lambda m: log(f"{name}: {m}"))
-    return {"train_rows": len(rows), "train_targets": len(groups), "validation_sets": n_held,
+    return {"train_targets": len(groups), "validation_sets": len(validation_groups),
             "validation_candidates_per_set": size,
-            "lora": {"trainable_parameters": lora.trainable_parameters, "base_valid_auc": lora.base_valid_auc,
-                     "history": lora.history, "seconds": round(lora_seconds, 1)},
-            "full_finetune": {"learning_rate": full_lr,
-                              "trainable_parameters": sum(p.numel() for p in loaded.model.parameters()
-                                                          if p.requires_grad),
-                              "history": full, "seconds": round(time.perf_counter() - t0, 1)}}
+            **lora_then_full(setup, settings, work, full_lr, lambda m: log(f"{name}: {m}"))}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--db", default=str(ROOT / "data" / "srec.duckdb"))
     ap.add_argument("--category", default="beauty")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--full-lr", type=float, default=1e-3)
     ap.add_argument("--holdout-every", type=int, default=10)
     ap.add_argument("--users", type=int, default=0, help="only the first N users (a smoke run); 0: all")
     ap.add_argument("--rules", default="candidate,match,real", help="which label sets to train, in order")
     ap.add_argument("--tag", default="", help="suffix of the results files' names (sft_planted_rules<tag>.*)")
     args = ap.parse_args()
-    import duckdb
-
-    from srec.config import load_categories
-    from srec.models.runner import LoadedModel, RunnerSettings
+    from sft_learnability import demo_copy, sft_table
     from srec.recommender.data import load_candidates, load_items, load_user_contexts
     from srec.recommender.pipeline import validation_users
-    from srec.recommender.settings import RecommenderSettings
 
     started = time.perf_counter()
-    WORK.mkdir(parents=True, exist_ok=True)
-    db = WORK / "copy.duckdb"
-    shutil.copy(args.db, db)
-    con = duckdb.connect(str(db))
-    cfg = load_categories()[args.category]
-    settings = RecommenderSettings.from_mapping(cfg.recommender, variants=(VARIANT,), epochs=args.epochs,
-                                                patience=0)
+    con, cfg, settings = demo_copy(args.db, WORK, args.category, args.epochs, variant=VARIANT)
     found = con.execute("SELECT any_value(model), count(*) FROM sft_examples WHERE category = ?",
                         [args.category]).fetchone()
     if not found[1]:
         sys.exit(f"{args.db} has no sft_examples for {args.category!r}: run scripts/demo.sh first")
     model_path = found[0]
-
-    def load():
-        return LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
-
     items = load_items(con, args.category)
     words_of = {i: title_words(info.title) for i, info in items.items()}
     chosen = half_cover_words(words_of)
@@ -229,6 +199,7 @@ def main() -> None:
         "match": f"Yes. iff the candidate's title shares a word with the last {settings.history_items} "
                  "history titles",
         "real": "the true next item (Yes.) vs one never-touched item sampled uniformly (No.)"}
+    say = lambda m: print(m, flush=True)  # noqa: E731
     runs = {}
     for rule in args.rules.split(","):
         sample = samplers(rule)
@@ -238,15 +209,13 @@ def main() -> None:
             cands = load_candidates(con, args.category, "valid", "1+20")
             valid = [(replace(c, profile=""), [i for _, i in cands[c.user_id]])
                      for c in load_user_contexts(con, args.category, ["valid"], users)]
-            runs[rule] = run(rule, load, groups, None, settings, items, WORK / rule, args.full_lr, real_valid=valid,
-                             log=lambda m: print(m, flush=True))
+            runs[rule] = run(rule, model_path, groups, valid, settings, items, WORK / rule, args.full_lr, say)
             runs[rule]["validation"] = "valid 1+20 candidates of the seeded validation users (mean AUC)"
         else:
             groups = planted_groups(contexts, words_of, rules[rule], sample)
             train = [g for g in groups if g[0].user_id not in held_users]
             held = [g for g in groups if g[0].user_id in held_users]
-            runs[rule] = run(rule, load, train, held, settings, items, WORK / rule, args.full_lr,
-                             log=lambda m: print(m, flush=True))
+            runs[rule] = run(rule, model_path, train, held, settings, items, WORK / rule, args.full_lr, say)
             runs[rule]["validation"] = (f"pairs of the {len(held_users)} held-out users (1 in "
                                         f"{args.holdout_every}; AUC over pairs)")
         runs[rule]["labels"] = descriptions[rule]
@@ -270,21 +239,11 @@ def main() -> None:
              f"category's settings (lr {settings.learning_rate}, r {settings.lora_r}, {settings.lr_schedule}), "
              f"full fine-tuning of every language-model weight (vision tower, projector frozen); "
              f"{len(contexts):,} training targets (every training position of "
-             f"{result['users']:,} users); total {result['total_seconds']:.0f} s.", "",
-             "| labels | train rows | validation | training | epoch | answer loss | choice log loss | "
-             "P(yes)+P(no) | valid AUC | s |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"{result['users']:,} users); total {result['total_seconds']:.0f} s.", ""]
     for rule, r in runs.items():
-        lora, full = r["lora"], r["full_finetune"]
-        first = f"| {r['labels']} | {r['train_rows']:,} | {r['validation']} |"
-        for name, hist, base in (
-                (f"LoRA ({lora['trainable_parameters']:,} params)", lora["history"], lora["base_valid_auc"]),
-                (f"full fine-tuning, lr {full['learning_rate']} ({full['trainable_parameters']:,} params)",
-                 full["history"][1:], full["history"][0]["valid_auc"])):
-            lines.append(f"{first} {name} | 0 | | | | {base:.4f} | |")
-            first = "| | | |"
-            lines += [f"| | | | | {h['epoch']} | {h['train_loss']:.4f} | {h['train_choice_log_loss']:.4f} | "
-                      f"{h['train_choice_mass']:.3f} | {h['valid_auc']:.4f} | {h['seconds']:.0f} |" for h in hist]
-    lines += ["", "Choice log loss: on the training rows, -log of P(yes)/(P(yes)+P(no)) for the row's answer at the "
+        lines += [f"## {rule}: {r['labels']}", "", f"{r['train_rows']:,} training rows; validation: {r['validation']}.",
+                  "", *sft_table(r, settings.learning_rate), ""]
+    lines += ["Choice log loss: on the training rows, -log of P(yes)/(P(yes)+P(no)) for the row's answer at the "
               "first answer token; ln 2 = 0.693 is a coin flip. Epoch 0: the base model, no training."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"results: {out.with_suffix('.json')}, {out.with_suffix('.md')}")
