@@ -382,6 +382,73 @@ def compute_metric_rows(
     return rows
 
 
+# Splits whose interactions come before a target of the given split (what the popularity baseline counts).
+_EARLIER_SPLITS: dict[str, tuple[str, ...]] = {"valid": ("train",), "test": ("train", "valid")}
+
+
+def candidate_popularity(con, category: str, split: str = "test") -> list[dict]:
+    """How popular the stored positives are next to their sampled negatives, per sampled protocol.
+
+    Counts are every user's positives in the splits before ``split`` (train for valid, train + valid for
+    test), as the popularity baseline counts them. ``pairs_positive_more`` is the share of (positive,
+    negative) pairs of a user in which the positive has the higher count, ties half: where it is under
+    0.5, popularity ranks below chance on these candidates, and the report says why.
+    """
+    if split not in _EARLIER_SPLITS or not _relation_exists(con, "eval_candidates") \
+            or not _relation_exists(con, "interactions"):
+        return []
+    earlier = _EARLIER_SPLITS[split]
+    rows = con.execute(
+        f"""
+        WITH counts AS (
+            SELECT item_id, count(*) AS n FROM interactions
+            WHERE category = ? AND label = 1 AND split IN ({', '.join('?' * len(earlier))}) GROUP BY item_id),
+        c AS (
+            SELECT e.protocol, e.user_id, e.is_positive, coalesce(counts.n, 0) AS n
+            FROM eval_candidates e LEFT JOIN counts USING (item_id)
+            WHERE e.category = ? AND e.split = ?),
+        pairs AS (
+            SELECT p.protocol, avg(CASE WHEN p.n > q.n THEN 1.0 WHEN p.n = q.n THEN 0.5 ELSE 0.0 END) AS share
+            FROM c p JOIN c q ON p.protocol = q.protocol AND p.user_id = q.user_id
+            WHERE p.is_positive AND NOT q.is_positive GROUP BY p.protocol)
+        SELECT protocol,
+               count(*) FILTER (WHERE is_positive), count(*) FILTER (WHERE NOT is_positive),
+               median(n) FILTER (WHERE is_positive), median(n) FILTER (WHERE NOT is_positive),
+               avg((n <= 1)::DOUBLE) FILTER (WHERE is_positive), avg((n <= 1)::DOUBLE) FILTER (WHERE NOT is_positive),
+               any_value(pairs.share)
+        FROM c LEFT JOIN pairs USING (protocol) GROUP BY protocol
+        """,
+        [category, *earlier, category, split],
+    ).fetchall()
+    keys = ("protocol", "positives", "negatives", "positive_median", "negative_median",
+            "positive_at_most_1", "negative_at_most_1", "pairs_positive_more")
+    out = [dict(zip(keys, r)) for r in rows]
+    return sorted(out, key=lambda r: _protocol_key(r["protocol"]))
+
+
+def candidate_popularity_note(stats: Sequence[dict], split: str = "test") -> str | None:
+    """One report line from :func:`candidate_popularity`, with the reason when positives are the less popular."""
+    if not stats:
+        return None
+    window = " + ".join(_EARLIER_SPLITS.get(split, ("earlier splits",)))
+    parts = [
+        f"`{s['protocol']}`: positives median {s['positive_median']:g} ({s['positive_at_most_1']:.1%} at most 1), "
+        f"negatives median {s['negative_median']:g} ({s['negative_at_most_1']:.1%} at most 1), "
+        f"the positive has the higher count in {s['pairs_positive_more']:.1%} of a user's (positive, negative) pairs "
+        "(ties half)"
+        for s in stats if s["pairs_positive_more"] is not None
+    ]
+    if not parts:
+        return None
+    line = f"each candidate item's positives in {window} (what the popularity baseline counts): " + "; ".join(parts) + "."
+    if any(s["pairs_positive_more"] is not None and s["pairs_positive_more"] < 0.5 for s in stats):
+        line += (" Under 50%: the true next items have fewer earlier interactions than the sampled negatives here, so "
+                 "popularity ranks below chance on these candidates. A positive's count leaves out one of its "
+                 "interactions by construction (this user's held-out one), a negative's need not; where item k-core "
+                 "filtering kept items with only a few interactions (a small sample), that one interaction decides.")
+    return line
+
+
 # --------------------------------------------------------------------------- writing the report
 
 

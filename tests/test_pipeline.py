@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import dagster as dg
 import duckdb
@@ -84,6 +85,11 @@ def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
     assert "full_ranking" in (report_dir / "metric_report.md").read_text() or "Full ranking" in (
         report_dir / "metric_report.md"
     ).read_text()
+    # The report explains popularity's AUC: its pair share, computed in SQL from the counts, is that AUC.
+    md = (report_dir / "metric_report.md").read_text()
+    share = re.search(r"`1\+20`: positives median [^;]*higher count in ([\d.]+)% of a user's", md)
+    pop_auc = next(r["value"] for r in rows if (r["model"], r["protocol"], r["metric"]) == ("popularity", "1+20", "AUC"))
+    assert share is not None and abs(float(share.group(1)) / 100 - pop_auc) < 0.0006, (share, pop_auc)
 
     con = duckdb.connect(storage.database, read_only=True)
     n_users = con.execute("SELECT count(DISTINCT user_id) FROM interactions WHERE category='beauty'").fetchone()[0]

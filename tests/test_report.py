@@ -323,3 +323,34 @@ def test_write_report_provenance_with_per_table_version_keys(tmp_path):
                    "1000 resamples of users, seed 0", "2026-01-01T00:00:00+00:00", "candidate_seed: 0",
                    "dagster_run_id: abc"):
         assert needle in md, needle
+
+
+def test_candidate_popularity_counts_the_window_before_the_target():
+    """Counts as the popularity baseline makes them (train + valid for test, train for valid); pairs, ties half."""
+    c = duckdb.connect(":memory:")
+    for t in ("interactions", "eval_candidates"):
+        c.execute(create_table_sql(t))
+    # item -> splits of its positives (other users'): A 3 train; B 1 train + 1 valid; D 2 train + 1 test; C none.
+    # An explicit negative (label 0) of A and another category's rows must not count.
+    inter = [("A", "train")] * 3 + [("B", "train"), ("B", "valid"), ("D", "train"), ("D", "train"), ("D", "test")]
+    _insert(c, "interactions", [(CAT, f"o{i}", item, None, None, i, 1, 0, split) for i, (item, split) in enumerate(inter)])
+    _insert(c, "interactions", [(CAT, "o9", "C", 1.0, None, 9, 0, None, "train"), ("toys", "t", "C", None, None, 0, 1, 0, "train")])
+    # u1: positive C (0) vs A (3), B (2): 0, 0. u2: positive B (2) vs D (2), C (0): 0.5, 1.
+    cands = [("u1", "C", True), ("u1", "A", False), ("u1", "B", False),
+             ("u2", "B", True), ("u2", "D", False), ("u2", "C", False)]
+    _insert(c, "eval_candidates", [(CAT, "test", "1+20", u, i % 3, item, pos) for i, (u, item, pos) in enumerate(cands)])
+    _insert(c, "eval_candidates", [(CAT, "valid", "1+20", "u1", 0, "B", True), (CAT, "valid", "1+20", "u1", 1, "D", False)])
+
+    (test,) = report.candidate_popularity(c, CAT, "test")
+    assert test == {"protocol": "1+20", "positives": 2, "negatives": 4, "positive_median": 1.0,
+                    "negative_median": 2.0, "positive_at_most_1": 0.5, "negative_at_most_1": 0.25,
+                    "pairs_positive_more": 0.375}
+    note = report.candidate_popularity_note([test], "test")
+    assert note.startswith("each candidate item's positives in train + valid") and "37.5% of a user's" in note
+    assert "popularity ranks below chance" in note
+    # valid targets: train counts only (B 1 vs D 2)
+    (valid,) = report.candidate_popularity(c, CAT, "valid")
+    assert valid["pairs_positive_more"] == 0.0 and valid["positive_median"] == 1.0
+    above = {**test, "pairs_positive_more": 0.6}
+    assert "below chance" not in report.candidate_popularity_note([above], "test")
+    assert report.candidate_popularity(c, CAT, "train") == [] and report.candidate_popularity_note([]) is None

@@ -9,7 +9,14 @@ import pandas as pd
 from resources import SrecStorage
 from srec.captions import caption_snapshot
 from srec.db import partition_content_hash, replace_partition, scalar_row
-from srec.report import REPORT_COLUMNS, compute_metric_rows, markdown_table, write_report
+from srec.report import (
+    REPORT_COLUMNS,
+    candidate_popularity,
+    candidate_popularity_note,
+    compute_metric_rows,
+    markdown_table,
+    write_report,
+)
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.mllm import item_captions, item_images
 from srec_assets.assets.recommender import recommender_scores
@@ -81,6 +88,9 @@ def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, stora
             "dagster_run_id": context.run.run_id,
             **_mllm_inputs(con, cfg.name),
         }
+        popularity = candidate_popularity_note(candidate_popularity(con, cfg.name, config.split), config.split)
+        if popularity:
+            provenance["candidate_popularity"] = popularity
         paths = write_report(rows, storage.report_dir(cfg.name), category=cfg.name, provenance=provenance)
         frame = pd.DataFrame(rows)[list(REPORT_COLUMNS)]
         con.register("report_rows", frame)
