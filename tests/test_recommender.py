@@ -177,6 +177,31 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_scores(tiny_models, imag
     np.testing.assert_allclose(score_shared_prefix(reloaded, fitted.ids, encoded, **kw), trained, atol=1e-6)
 
 
+def test_reasoning_step_is_the_base_models_at_its_own_length(tiny_models, images):
+    """Chain of thought: the adapter is disabled while the reasoning is generated (PEFT wraps the base in place),
+    and the step is ``cot_max_new_tokens`` long, whatever the resource's generation length."""
+    from peft import LoraConfig, get_peft_model
+
+    from srec.models.generation import GenerationRequest
+    from srec.recommender.pipeline import cot_generator
+
+    base = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"]), max_new_tokens=48))
+    settings = RecommenderSettings(cot_max_new_tokens=6)
+    reqs = [GenerationRequest(prompt=f"Does a shopper of {t} like a mascara?", image_path=images[i % 3])
+            for i, t in enumerate(TITLES[:3])]
+    before = cot_generator(base, settings)(reqs)
+    assert all(1 <= r.generated_tokens <= 6 for r in before)
+    peft = get_peft_model(base.model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_modules(base.model)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    peft.eval()
+    assert base.generate(reqs, max_new_tokens=6) != before  # the adapter is live in the base's modules
+    assert cot_generator(base, settings, peft)(reqs) == before
+
+
 def test_qlora_on_cpu_is_a_clear_error(tiny_models):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: 4-bit loading is allowed")
@@ -210,6 +235,8 @@ def test_choice_stats_separate_the_yes_no_choice_from_the_answer_format():
 
 
 def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path):
+    from safetensors.torch import load_file
+
     from srec.recommender.training import train_lora
 
     settings = RecommenderSettings(epochs=3, batch_size=4, patience=0, learning_rate=5e-3)
@@ -233,7 +260,7 @@ def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path
           "work_dir": tmp_path / "work", "run_key": "k1", "log": lambda m: None}
     with pytest.raises(KeyboardInterrupt):
         train_lora(base.model, rows, validate, settings, **kw)
-    assert (tmp_path / "work" / "last" / "trainer_state.pt").is_file()
+    assert (tmp_path / "work" / "checkpoint" / "trainer_state.pt").is_file()
 
     base, rows = rows_and_model()
     _, result = train_lora(base.model, rows, validate, settings, **kw)
@@ -241,10 +268,56 @@ def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path
     assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.epochs_run == 3
     assert result.best_epoch == 3  # validation kept improving
 
+    # The resumed run ends where an uninterrupted one does: optimizer, schedule and the dropout RNG carried over.
+    base, rows = rows_and_model()
+    train_lora(base.model, rows, lambda m: 0.5, settings, **{**kw, "work_dir": tmp_path / "whole"})
+    last = lambda d: load_file(d / "checkpoint" / "last" / "adapter_model.safetensors")  # noqa: E731
+    resumed, whole = last(tmp_path / "work"), last(tmp_path / "whole")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+    # Killed between the two renames of a commit: the previous checkpoint is taken back, nothing is retrained.
+    (tmp_path / "work" / "checkpoint").rename(tmp_path / "work" / "checkpoint.old")
+    base, rows = rows_and_model()
+    _, again = train_lora(base.model, rows, validate, settings, **kw)
+    assert again.resumed_from_epoch == 3 and again.epochs_run == 3 and again.best_epoch == 3
+
+    # An unreadable state file: said so, and training starts over.
+    (tmp_path / "work" / "checkpoint" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    said = []
+    base, rows = rows_and_model()
+    _, fresh = train_lora(base.model, rows, lambda m: 0.5, settings, **{**kw, "log": said.append})
+    assert fresh.resumed_from_epoch == 0 and fresh.epochs_run == 3
+    assert any("is unreadable" in m and "starting over" in m for m in said)
+
     base, rows = rows_and_model()  # another configuration: starts over instead of resuming
     _, other = train_lora(base.model, rows, validate, RecommenderSettings(epochs=1, batch_size=4, patience=0),
                           **{**kw, "run_key": "k2"})
     assert other.resumed_from_epoch == 0 and other.epochs_run == 1
+
+
+def test_a_short_last_accumulation_window_weighs_like_a_full_one(tiny_models, images):
+    """Gradient accumulation divides each loss by its own window's size: one batch with grad_accumulation 4 makes
+    the same step as with 1 (a plain SGD step on the output head, clipping out of the way)."""
+    from srec.recommender.training import train_epoch
+
+    def step(grad_accumulation: int):
+        base = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
+        enc = PromptEncoder(base, max_length=1024)
+        fitted, encoded = _encode(enc, _user(), _items(images)[:4])
+        rows = [make_row(fitted.ids, e, enc.answer_ids[YES if i % 2 else NO]) for i, e in enumerate(encoded)]
+        for p in base.model.parameters():
+            p.requires_grad_(False)
+        head = base.model.get_output_embeddings().weight
+        head.requires_grad_(True)
+        before = head.detach().clone()
+        settings = RecommenderSettings(batch_size=4, grad_accumulation=grad_accumulation, max_grad_norm=1e9)
+        train_epoch(base.model, rows, torch.optim.SGD([head], lr=1.0), [head], settings, 1,
+                    pad_id=base.tokenizer.pad_token_id, device=base.device, dtype=base.dtype)
+        return head.detach() - before
+
+    full = step(1)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(step(4), full)
 
 
 def test_sft_learns_the_answers_of_its_training_rows(tiny_models, images, tmp_path):

@@ -77,6 +77,7 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert m["data"]["caption_snapshot"] == caps.metadata["caption_snapshot"].value
         assert m["captions"][0]["prompt_version"].startswith("caption_")
         assert m["tiny_random_weights"] is True and m["settings"]["lora_r"] == 16
+        assert m["settings"]["seed"] == 2024 and "data_seed" in m["settings"]
         assert all(v["epochs_run"] == 2 and len(v["history"]) == 2 for v in m["variants"].values())
         # PeftModel.from_pretrained loads it.
         base = LoadedModel(RunnerSettings(model=model_resources["recommender"].model))

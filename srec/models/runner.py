@@ -244,22 +244,24 @@ class LoadedModel:
 
     # --- generation ------------------------------------------------------------------------------
 
-    def _generate_batch(self, batch: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_batch(self, batch: Sequence[GenerationRequest], max_new_tokens: int | None = None
+                        ) -> list[GenerationResult]:
         torch = self.torch
+        max_new = max_new_tokens or self.settings.max_new_tokens
         inputs = self._encode(batch).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         prompt_len = inputs["input_ids"].shape[1]
-        if limit and prompt_len + self.settings.max_new_tokens > limit:
-            raise ValueError(f"prompt of {prompt_len} tokens + {self.settings.max_new_tokens} new tokens exceeds "
+        if limit and prompt_len + max_new > limit:
+            raise ValueError(f"prompt of {prompt_len} tokens + {max_new} new tokens exceeds "
                              f"the model's {limit} positions")
         if self.settings.do_sample:
             torch.manual_seed(self.settings.seed)
         pad = self.tokenizer.pad_token_id
         with torch.inference_mode():
             out = self.model.generate(
-                **inputs, max_new_tokens=self.settings.max_new_tokens, min_new_tokens=self.settings.min_new_tokens,
+                **inputs, max_new_tokens=max_new, min_new_tokens=min(self.settings.min_new_tokens, max_new),
                 do_sample=self.settings.do_sample, pad_token_id=pad,
                 **({"temperature": self.settings.temperature, "top_p": self.settings.top_p}
                    if self.settings.do_sample else {"temperature": None, "top_p": None, "top_k": None}),
@@ -281,9 +283,11 @@ class LoadedModel:
             results.append(GenerationResult(text=text.strip(), generated_tokens=n))
         return results
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: Sequence[GenerationRequest], *, max_new_tokens: int | None = None
+                 ) -> list[GenerationResult]:
         """Results in the order of ``requests``; batches of ``max_batch_size``, image and text-only prompts
-        in separate batches, sorted by prompt length so batches pad little."""
+        in separate batches, sorted by prompt length so batches pad little. ``max_new_tokens`` overrides the
+        settings' for this call (the recommender's reasoning step has its own length)."""
         order = sorted(range(len(requests)),
                        key=lambda i: (requests[i].image_path is None, len(requests[i].prompt)))
         results: list[GenerationResult | None] = [None] * len(requests)
@@ -295,7 +299,7 @@ class LoadedModel:
             while end < len(order) and end - start < size and (requests[order[end]].image_path is not None) == has_image:
                 end += 1
             idx = order[start:end]
-            for i, r in zip(idx, self._generate_batch([requests[i] for i in idx])):
+            for i, r in zip(idx, self._generate_batch([requests[i] for i in idx], max_new_tokens)):
                 results[i] = r
             start = end
         return results  # type: ignore[return-value]

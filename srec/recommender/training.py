@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -167,7 +168,8 @@ def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: Re
         batch = [rows[j] for j in idx]
         logits, labels = answer_logits(model, batch, pad_id, device, dtype)
         loss = answer_cross_entropy(logits, labels)
-        (loss / settings.grad_accumulation).backward()
+        window = min(settings.grad_accumulation, len(batches) - i // settings.grad_accumulation * settings.grad_accumulation)
+        (loss / window).backward()  # a short last window weighs its batches like a full one
         losses.append(float(loss.detach()))
         if choice_ids is not None:
             with torch.no_grad():
@@ -186,6 +188,68 @@ def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: Re
     return out
 
 
+# One checkpoint folder, replaced whole after every epoch (written beside it, then renamed): the adapter of
+# the last epoch, the best epoch's adapter and the trainer state always belong to the same epoch, whenever
+# the process is killed.
+CHECKPOINT = "checkpoint"
+_RESULT_STATE = ("best_epoch", "best_valid_auc", "base_valid_auc", "history", "stopped_early")
+
+
+def best_adapter_dir(work_dir: Path) -> Path:
+    """Where ``train_lora`` leaves the best epoch's adapter (PEFT format)."""
+    return Path(work_dir) / CHECKPOINT / "best"
+
+
+def _state(run_key: str, epoch: int, optimizer, scheduler, result: TrainResult) -> dict:
+    import torch  # noqa: PLC0415
+
+    return {"run_key": run_key, "epoch": epoch, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **{k: getattr(result, k) for k in _RESULT_STATE}}
+
+
+def _commit_checkpoint(work_dir: Path, peft_model, state: dict, improved: bool) -> None:
+    import torch  # noqa: PLC0415
+
+    ckpt, tmp, old = work_dir / CHECKPOINT, work_dir / f"{CHECKPOINT}.tmp", work_dir / f"{CHECKPOINT}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    peft_model.save_pretrained(tmp / "last")
+    if improved:
+        peft_model.save_pretrained(tmp / "best")
+    else:
+        shutil.copytree(ckpt / "best", tmp / "best")
+    torch.save(state, tmp / "trainer_state.pt")
+    if ckpt.exists():
+        os.replace(ckpt, old)
+    os.replace(tmp, ckpt)  # the commit: from here on a restart resumes after this epoch
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(work_dir: Path, run_key: str, log) -> dict | None:
+    """The committed trainer state of this run, or None (then ``work_dir`` is cleared for a fresh start)."""
+    import torch  # noqa: PLC0415
+
+    ckpt, old = work_dir / CHECKPOINT, work_dir / f"{CHECKPOINT}.old"
+    if not ckpt.exists() and old.exists():
+        os.replace(old, ckpt)  # killed between the two renames of a commit: the previous epoch stands
+    state = None
+    if (ckpt / "trainer_state.pt").is_file():
+        try:
+            state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint means starting over, said so
+            log(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {e}); starting over")
+        else:
+            if state.get("run_key") != run_key:
+                log("a checkpoint from another configuration was found; starting over")
+                state = None
+    if state is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return state
+
+
 def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], float], settings: RecommenderSettings,
                *, pad_id: int, device, dtype, work_dir: Path, run_key: str, quantized: bool = False,
                choice_ids: tuple[int, int] | None = None,
@@ -196,7 +260,8 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
     its training batches (``train_choice_log_loss``, ``train_choice_mass`` in the history).
 
     Returns the PEFT model holding the *best* epoch's adapter (or the untrained one, when no epoch beat
-    the base model) and what happened. ``work_dir/best`` holds that adapter in PEFT format.
+    the base model) and what happened. ``best_adapter_dir(work_dir)`` holds that adapter in PEFT format. A run
+    killed part-way resumes after its last finished epoch when called again with the same ``run_key``.
     """
     import torch  # noqa: PLC0415
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training, set_peft_model_state_dict  # noqa: PLC0415
@@ -223,31 +288,28 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
                               optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
 
     work_dir = Path(work_dir)
-    last, best = work_dir / "last", work_dir / "best"
-    state_file = last / "trainer_state.pt"
-    start_epoch = 1
-    if state_file.is_file():
-        state = torch.load(state_file, weights_only=False)
-        if state.get("run_key") == run_key:
-            set_peft_model_state_dict(peft_model, load_file(last / "adapter_model.safetensors"))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            for k in ("best_epoch", "best_valid_auc", "base_valid_auc", "history", "stopped_early"):
-                setattr(result, k, state[k])
-            start_epoch = state["epoch"] + 1
-            result.resumed_from_epoch = state["epoch"]
+    ckpt = work_dir / CHECKPOINT
+    state = _load_checkpoint(work_dir, run_key, log)
+    if state is not None:
+        set_peft_model_state_dict(peft_model, load_file(ckpt / "last" / "adapter_model.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])  # LoRA dropout masks continue as in an uninterrupted run
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        for k in _RESULT_STATE:
+            setattr(result, k, state[k])
+        result.resumed_from_epoch = state["epoch"]
+        if state["epoch"]:
             log(f"resuming from epoch {state['epoch']} (best valid AUC {state['best_valid_auc']:.4f})")
-        else:
-            log("a checkpoint from another configuration was found; starting over")
-            shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-
-    if start_epoch == 1:
+    else:
         peft_model.eval()
         result.base_valid_auc = validate(peft_model)  # LoRA B starts at zero: this is the base model
         result.best_valid_auc = result.base_valid_auc
-        peft_model.save_pretrained(best)
         log(f"epoch 0 (no training): valid AUC {result.base_valid_auc:.4f}")
+        _commit_checkpoint(work_dir, peft_model, _state(run_key, 0, optimizer, scheduler, result), improved=True)
+        state = {"epoch": 0}
+    start_epoch = state["epoch"] + 1
 
     since_best = sum(1 for h in result.history if h["epoch"] > result.best_epoch)
     for epoch in range(start_epoch, settings.epochs + 1):
@@ -269,18 +331,13 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
             + (" (best)" if improved else ""))
         if improved:
             result.best_epoch, result.best_valid_auc, since_best = epoch, auc, 0
-            peft_model.save_pretrained(best)
         else:
             since_best += 1
         if settings.patience and since_best >= settings.patience:
             result.stopped_early = True
-        peft_model.save_pretrained(last)
-        torch.save({"run_key": run_key, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), **{k: getattr(result, k) for k in (
-                        "best_epoch", "best_valid_auc", "base_valid_auc", "history", "stopped_early")}},
-                   state_file)
+        _commit_checkpoint(work_dir, peft_model, _state(run_key, epoch, optimizer, scheduler, result), improved)
     result.epochs_run = len(result.history)
-    set_peft_model_state_dict(peft_model, load_file(best / "adapter_model.safetensors"))
+    set_peft_model_state_dict(peft_model, load_file(best_adapter_dir(work_dir) / "adapter_model.safetensors"))
     peft_model.eval()
     result.seconds = time.perf_counter() - started
     (work_dir / "train_result.json").write_text(json.dumps(result.as_dict(), indent=1))

@@ -166,7 +166,8 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
         "data": data,
         "captions": [{"model": m, "fingerprint": f, "prompt_version": p} for m, f, p in captioners],
         "preferences": [{"mode": mo, "model": m, "fingerprint": f, "prompt_version": p} for mo, m, f, p in summarisers],
-        "settings": settings.training_json() | {"seed": cfg.seed},
+        # seed: torch and batch order (the settings'); data_seed: negatives and validation users (the category's)
+        "settings": settings.training_json() | {"data_seed": cfg.seed},
         "variants": entries,
         "dagster_run_id": context.run.run_id,
         "created_at": time.time(),
