@@ -430,7 +430,7 @@ def candidate_popularity_note(stats: Sequence[dict], split: str = "test") -> str
     """One report line from :func:`candidate_popularity`, with the reason when positives are the less popular."""
     if not stats:
         return None
-    window = " + ".join(_EARLIER_SPLITS.get(split, ("earlier splits",)))
+    window = " + ".join(_EARLIER_SPLITS[split])
     parts = [
         f"`{s['protocol']}`: positives median {s['positive_median']:g} ({s['positive_at_most_1']:.1%} at most 1), "
         f"negatives median {s['negative_median']:g} ({s['negative_at_most_1']:.1%} at most 1), "

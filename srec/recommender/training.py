@@ -168,8 +168,9 @@ def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: Re
         batch = [rows[j] for j in idx]
         logits, labels = answer_logits(model, batch, pad_id, device, dtype)
         loss = answer_cross_entropy(logits, labels)
-        window = min(settings.grad_accumulation, len(batches) - i // settings.grad_accumulation * settings.grad_accumulation)
-        (loss / window).backward()  # a short last window weighs its batches like a full one
+        accumulate = settings.grad_accumulation
+        window = min(accumulate, len(batches) - i // accumulate * accumulate)  # the last window may be short
+        (loss / window).backward()
         losses.append(float(loss.detach()))
         if choice_ids is not None:
             with torch.no_grad():
@@ -219,7 +220,8 @@ def _commit_checkpoint(work_dir: Path, peft_model, state: dict, improved: bool) 
     if improved:
         peft_model.save_pretrained(tmp / "best")
     else:
-        shutil.copytree(ckpt / "best", tmp / "best")
+        # hard links, not copies: saved files are never rewritten in place (each commit writes a new folder)
+        shutil.copytree(ckpt / "best", tmp / "best", copy_function=os.link)
     torch.save(state, tmp / "trainer_state.pt")
     if ckpt.exists():
         os.replace(ckpt, old)
@@ -300,6 +302,7 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
         for k in _RESULT_STATE:
             setattr(result, k, state[k])
         result.resumed_from_epoch = state["epoch"]
+        start_epoch = state["epoch"] + 1
         if state["epoch"]:
             log(f"resuming from epoch {state['epoch']} (best valid AUC {state['best_valid_auc']:.4f})")
     else:
@@ -308,8 +311,7 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
         result.best_valid_auc = result.base_valid_auc
         log(f"epoch 0 (no training): valid AUC {result.base_valid_auc:.4f}")
         _commit_checkpoint(work_dir, peft_model, _state(run_key, 0, optimizer, scheduler, result), improved=True)
-        state = {"epoch": 0}
-    start_epoch = state["epoch"] + 1
+        start_epoch = 1
 
     since_best = sum(1 for h in result.history if h["epoch"] > result.best_epoch)
     for epoch in range(start_epoch, settings.epochs + 1):
