@@ -119,6 +119,93 @@ def test_shared_prefix_scores_equal_a_full_forward_per_candidate(llava, images):
     assert np.ptp(naive) > 1e-6  # candidates really differ, so agreement is not trivial
 
 
+def _tiny_llava_next(captioner, out):
+    """A LLaVA-NeXT built from the tiny LLaVA's parts (same tokenizer, chat template, vision and text configs):
+    anyres images of different aspect ratios get different numbers of patches, and ``image_sizes``."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    image_processor_cls = (getattr(transformers, "LlavaNextImageProcessorPil", None)
+                           or transformers.LlavaNextImageProcessor)
+    base = AutoConfig.from_pretrained(captioner)
+    llava_processor = AutoProcessor.from_pretrained(captioner)
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(vision_config=base.vision_config.to_dict(), text_config=base.text_config.to_dict(),
+                             image_token_index=base.image_token_index, image_grid_pinpoints=pinpoints,
+                             vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).save_pretrained(out)
+    transformers.LlavaNextProcessor(
+        image_processor=image_processor_cls(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                            image_grid_pinpoints=pinpoints),
+        tokenizer=llava_processor.tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        chat_template=llava_processor.chat_template, image_token="<image>", num_additional_image_tokens=1,
+    ).save_pretrained(out)
+    return LoadedModel(RunnerSettings(model=str(out)))
+
+
+def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forward(tiny_models, tmp_path):
+    next_model = _tiny_llava_next(tiny_models["captioner"], tmp_path / "tiny-llava-next")
+    assert type(next_model.model).__name__ == "LlavaNextForConditionalGeneration"
+    shapes = [(96, 40), (40, 96), (60, 60)]  # wide, tall, square: 3 different anyres grids
+    paths = []
+    for i, size in enumerate(shapes):
+        paths.append(str(tmp_path / f"shape{i}.png"))
+        Image.new("RGB", size, (60 * i, 120, 200 - 50 * i)).save(paths[-1])
+    enc = PromptEncoder(next_model, max_length=2048)
+    enc.check_image_support()
+    items = [ItemView(f"Title: {t}", paths[i % 3]) for i, t in enumerate(TITLES)] + [ItemView("Title: plain", None)]
+    fitted, encoded = _encode(enc, _user(5), items)
+    patches = {e.vision["pixel_values"].shape[1] for e in encoded if e.vision}
+    assert len(patches) > 1 and all("image_sizes" in e.vision for e in encoded if e.vision)
+    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": next_model.device, "dtype": next_model.dtype}
+    # One batch mixes the patch counts (zero-padded to the largest); the reference sees each image alone.
+    shared = score_shared_prefix(next_model.model, fitted.ids, encoded, pad_id=next_model.tokenizer.pad_token_id,
+                                 batch_size=len(encoded), **kw)
+    naive = score_naive(next_model.model, fitted.ids, encoded, **kw)
+    np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
+    assert np.ptp(naive) > 1e-6
+    # Training batches the same way: each row's answer loss in a mixed batch is its loss alone.
+    rows = [make_row(fitted.ids, e, enc.answer_ids[YES]) for e in encoded]
+    pad = next_model.tokenizer.pad_token_id
+    together = answer_loss(next_model.model, rows, pad, next_model.device, next_model.dtype)
+    alone = [answer_loss(next_model.model, [r], pad, next_model.device, next_model.dtype) for r in rows]
+    assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
+
+
+def test_a_processor_with_unsupported_image_inputs_is_a_clear_error(tiny_models, images):
+    """Idefics3 / SmolVLM add a pixel_attention_mask the scorer does not batch: a named error, before any
+    generation, not a failure deep in a forward pass."""
+    from types import SimpleNamespace
+
+    import transformers
+    from transformers import AutoProcessor, Idefics3Processor
+
+    image_processor_cls = getattr(transformers, "Idefics3ImageProcessorPil", None) or transformers.Idefics3ImageProcessor
+    llava_processor = AutoProcessor.from_pretrained(tiny_models["captioner"])
+    tok = llava_processor.tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>"]})
+    processor = Idefics3Processor(image_processor=image_processor_cls(size={"longest_edge": 64},
+                                                                      max_image_size={"longest_edge": 32}),
+                                  tokenizer=tok, image_seq_len=4, chat_template=llava_processor.chat_template)
+    enc = PromptEncoder(SimpleNamespace(tokenizer=tok, processor=processor), max_length=1024)
+    with pytest.raises(PromptError, match=r"Idefics3Processor returns \['pixel_attention_mask'\].*'text' modality"):
+        enc.check_image_support()
+    suffix = enc.render(_user(), ItemView("Title: x", images[0]))[1]
+    with pytest.raises(PromptError, match="Idefics3"):
+        enc.encode_item(suffix, images[0])
+    enc.encode_item(enc.render(_user(), ItemView("Title: x", None))[1], None)  # text items still encode
+
+
+def test_suffixes_showing_one_image_share_its_pixels(llava, images):
+    """Chain-of-thought suffixes differ per (user, candidate); the candidate's pixels are held once."""
+    enc = PromptEncoder(llava, max_length=1024, cot=True)
+    a = enc.encode_item(enc.render(_user(), ItemView("Title: x", images[0]), "matches the brushes")[1], images[0])
+    b = enc.encode_item(enc.render(_user(), ItemView("Title: x", images[0]), "does not match")[1], images[0])
+    c = enc.encode_item(enc.render(_user(), ItemView("Title: x", images[1]), "does not match")[1], images[1])
+    assert a.ids != b.ids and a.vision is b.vision and c.vision is not a.vision
+
+
 def test_loss_covers_only_the_answer_tokens(llava, images):
     enc = PromptEncoder(llava, max_length=1024)
     fitted, encoded = _encode(enc, _user(), _items(images)[:4])

@@ -49,7 +49,40 @@ class UserView:
 @dataclass
 class EncodedItem:
     ids: list[int]
-    pixel_values: object | None  # torch tensor [1, C, H, W] or None
+    # The processor's image inputs for this item (``VISION_INPUTS`` keys, leading dim 1), None without an image.
+    # Items showing the same image share these tensors.
+    vision: dict | None = None
+
+
+# Processor outputs for an image that the recommender batches and passes on: LLaVA-1.5 style models take
+# ``pixel_values`` [1, C, H, W]; LLaVA-NeXT style ones [1, patches, C, H, W] plus ``image_sizes`` [1, 2].
+VISION_INPUTS = ("pixel_values", "image_sizes")
+TEXT_INPUTS = ("input_ids", "attention_mask")
+# What other families' processors add, and why batching alone would not make them right.
+UNSUPPORTED_VISION_INPUTS = {
+    "image_grid_thw": "Qwen2-VL / Qwen2.5-VL: image tokens take 3-D rotary positions, which the shared-prefix "
+                      "scorer's 1-D position ids would silently replace",
+    "video_grid_thw": "Qwen2-VL family video inputs",
+    "pixel_attention_mask": "Idefics3 / SmolVLM: per-image patch masks over a variable number of image splits",
+    "token_type_ids": "Gemma 3 / PaliGemma: image tokens attend bidirectionally, selected by token type",
+    "mm_token_type_ids": "models that mark image tokens by type for bidirectional attention",
+    "aspect_ratio_ids": "Mllama (Llama 3.2 Vision): images enter through cross-attention layers",
+    "aspect_ratio_mask": "Mllama (Llama 3.2 Vision)",
+    "cross_attention_mask": "Mllama (Llama 3.2 Vision)",
+}
+
+
+def check_vision_inputs(keys, processor_name: str) -> None:
+    """Raise a ``PromptError`` naming the model family when a processor's image outputs are not ones the
+    recommender's scorer and trainer handle (they would fail deep in a forward pass, or score wrongly)."""
+    extra = sorted(set(keys) - set(VISION_INPUTS) - set(TEXT_INPUTS))
+    if not extra:
+        return
+    why = "; ".join(f"{k}: {UNSUPPORTED_VISION_INPUTS.get(k, 'not a known input')}" for k in extra)
+    raise PromptError(
+        f"{processor_name} returns {extra} with an image; srec's recommender passes images to LLaVA-1.5 and "
+        f"LLaVA-NeXT style models ({', '.join(VISION_INPUTS)}) only ({why}). Use a 'text' modality variant with this "
+        "model, or a LLaVA-style model for the image and fused variants")
 
 
 @dataclass(frozen=True)
@@ -71,6 +104,7 @@ class PromptEncoder:
         self.cot = cot
         self.system = _prompts.RECOMMEND_USER.system
         self._items: dict[tuple[str, str | None], EncodedItem] = {}
+        self._images: dict[str, dict] = {}  # image path -> its processed tensors, shared by every suffix showing it
         self.answer_ids = {YES: self._answer_ids(YES), NO: self._answer_ids(NO)}
         self.yes_id, self.no_id = self.answer_ids[YES][0], self.answer_ids[NO][0]
         if self.yes_id == self.no_id:
@@ -157,9 +191,25 @@ class PromptEncoder:
             with Image.open(image_path) as im:
                 image = im.convert("RGB")
             out = self.processor(text=[suffix_text], images=[image], add_special_tokens=False, return_tensors="pt")
-            enc = EncodedItem(out["input_ids"][0].tolist(), out["pixel_values"])
+            check_vision_inputs(out.keys(), type(self.processor).__name__)
+            # Chain-of-thought suffixes differ per (user, candidate): without sharing, each would hold its own
+            # copy of the candidate's pixels (MBs per pair at real image sizes).
+            vision = self._images.setdefault(image_path, {k: out[k] for k in VISION_INPUTS if k in out})
+            enc = EncodedItem(out["input_ids"][0].tolist(), vision)
         self._items[key] = enc
         return enc
+
+    def check_image_support(self) -> None:
+        """Fail before any generation or training when this model's processor gives image inputs the
+        recommender cannot pass on (``check_vision_inputs``); a probe image, nothing read from disk."""
+        if self.processor is None:
+            raise PromptError("this recommender is a text-only causal LM; use modality 'text'")
+        from PIL import Image  # noqa: PLC0415
+
+        text = self._render(self._messages("", ItemView("probe", "probe.png"), "probe", None), True)
+        out = self.processor(text=[text.replace(SENTINEL, "")], images=[Image.new("RGB", (64, 64))],
+                             add_special_tokens=False, return_tensors="pt")
+        check_vision_inputs(out.keys(), type(self.processor).__name__)
 
     def fit_prefix(self, user: UserView, suffix_budget: int, *, who: str) -> FittedPrefix:
         """The longest prefix that leaves ``suffix_budget`` tokens for the candidate part and the answer."""
@@ -210,6 +260,31 @@ def user_body(user: UserView) -> str:
     history = "\n".join(f"{i + 1}. {line}" for i, line in enumerate(user.history)) or "(none listed)"
     preference = f"Preference summary: {user.preference}\n" if user.preference else ""
     return _prompts.RECOMMEND_USER.render(profile=user.profile, preference=preference, history=history)
+
+
+def vision_batch(vision: Sequence[dict | None], device, dtype) -> dict:
+    """The image inputs of a batch's rows (rows without an image contribute nothing), concatenated in row order.
+    LLaVA-NeXT images of different aspect ratios have different patch counts: they are zero-padded to the
+    largest, as its processor pads a batch (``image_sizes`` tells the model which patches are real)."""
+    import torch  # noqa: PLC0415
+
+    parts = [v for v in vision if v is not None]
+    if not parts:
+        return {}
+    out = {}
+    for key in parts[0]:
+        tensors = [v[key] for v in parts]
+        shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+        padded = []
+        for t in tensors:
+            if list(t.shape[1:]) != shape[1:]:
+                grown = t.new_zeros([t.shape[0], *shape[1:]])
+                grown[tuple(slice(0, n) for n in t.shape)] = t
+                t = grown
+            padded.append(t)
+        cat = torch.cat(padded).to(device)
+        out[key] = cat.to(dtype) if cat.is_floating_point() else cat
+    return out
 
 
 def pad_batch(rows: Sequence[list[int]], pad_id: int, *, left: bool):

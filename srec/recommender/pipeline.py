@@ -108,6 +108,8 @@ def build_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tup
     missing = sorted({i for _, ids in groups for i in ids} - set(views))
     if missing:
         raise RecommenderInputError(f"items {missing[:5]} are in the candidates but not in interactions")
+    if any(v.image_path is not None for v in views.values()):
+        encoder.check_image_support()  # before the reasoning step's generation, not after it
     users = [user_view(ctx, variant.preference, items, settings) for ctx, _ in groups]
     reasons: list[list[str | None]] = [[None] * len(ids) for _, ids in groups]
     if variant.cot:

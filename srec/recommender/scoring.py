@@ -12,14 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from srec.recommender.encoding import EncodedItem, pad_batch
-
-
-def _pixel_values(items: Sequence[EncodedItem], dtype, device):
-    import torch  # noqa: PLC0415
-
-    pix = [it.pixel_values for it in items if it.pixel_values is not None]
-    return torch.cat(pix).to(device=device, dtype=dtype) if pix else None
+from srec.recommender.encoding import EncodedItem, pad_batch, vision_batch
 
 
 def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
@@ -79,12 +72,8 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
             cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
             full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
             positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
-            kwargs = {}
-            pix = _pixel_values(batch, dtype, device)
-            if pix is not None:
-                kwargs["pixel_values"] = pix
             res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1, **kwargs)
+                        use_cache=True, logits_to_keep=1, **vision_batch([it.vision for it in batch], device, dtype))
             out[rows] = _p_yes(res.logits, yes_id, no_id)
     return out
 
@@ -98,11 +87,7 @@ def score_naive(model, prefix_ids: Sequence[int], items: Sequence[EncodedItem], 
     with torch.inference_mode():
         for i, it in enumerate(items):
             ids = torch.tensor([list(prefix_ids) + list(it.ids)], device=device)
-            kwargs = {}
-            pix = _pixel_values([it], dtype, device)
-            if pix is not None:
-                kwargs["pixel_values"] = pix
-            res = model(input_ids=ids, use_cache=False, logits_to_keep=1, **kwargs)
+            res = model(input_ids=ids, use_cache=False, logits_to_keep=1, **vision_batch([it.vision], device, dtype))
             out[i] = _p_yes(res.logits, yes_id, no_id)[0]
     return out
 

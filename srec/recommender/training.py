@@ -9,8 +9,11 @@
 - AdamW, warmup then a linear / cosine / constant schedule, gradient accumulation, gradient clipping,
   a seed, and early stopping on the validation AUC (scored like the test, one forward pass per
   candidate on a shared prefix).
-- Resumable: after every epoch the adapter, optimizer, scheduler and progress go to ``work_dir/last``
-  (and the best adapter so far to ``work_dir/best``); a rerun with the same run key resumes there.
+- Resumable: after every epoch one folder, ``work_dir/checkpoint`` (the last adapter, the best adapter so far,
+  and the optimizer, scheduler, RNG and progress), is replaced whole by a rename; a rerun with the same run
+  key resumes there.
+- Images: the candidate's processor inputs (``EncodedItem.vision``) are batched by ``vision_batch``, so
+  LLaVA-1.5 and LLaVA-NeXT style models train and score alike.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from srec.recommender.encoding import EncodedItem, pad_batch
+from srec.recommender.encoding import EncodedItem, pad_batch, vision_batch
 from srec.recommender.settings import RecommenderSettings
 
 # Module-name parts of the parts LoRA never touches: vision encoders and projectors of the common MLLMs
@@ -54,11 +57,11 @@ def lora_target_modules(model) -> list[str]:
 class TrainRow:
     ids: list[int]             # prefix + suffix + answer
     answer_len: int            # the last answer_len ids are the answer (the loss covers only these)
-    pixel_values: object | None
+    vision: dict | None        # the candidate's image inputs (EncodedItem.vision)
 
 
 def make_row(prefix_ids: Sequence[int], item: EncodedItem, answer_ids: Sequence[int]) -> TrainRow:
-    return TrainRow(list(prefix_ids) + list(item.ids) + list(answer_ids), len(answer_ids), item.pixel_values)
+    return TrainRow(list(prefix_ids) + list(item.ids) + list(answer_ids), len(answer_ids), item.vision)
 
 
 def answer_labels(rows: Sequence[TrainRow], width: int):
@@ -72,15 +75,10 @@ def answer_labels(rows: Sequence[TrainRow], width: int):
 
 
 def batch_inputs(rows: Sequence[TrainRow], pad_id: int, device, dtype) -> dict:
-    import torch  # noqa: PLC0415
-
     ids, mask = pad_batch([r.ids for r in rows], pad_id, left=True)
-    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
-    pix = [r.pixel_values for r in rows if r.pixel_values is not None]
-    if pix:
-        inputs["pixel_values"] = torch.cat(pix).to(device=device, dtype=dtype)
-    return inputs
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            **vision_batch([r.vision for r in rows], device, dtype)}
 
 
 def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
