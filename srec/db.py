@@ -18,6 +18,16 @@ def scalar_row(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = N
     return rows[0]
 
 
+def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether ``name`` is a table (or view) of the connection's current database and schema."""
+    ((n,),) = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_name = ? AND table_schema = current_schema() AND table_catalog = current_database()",
+        [name],
+    ).fetchall()
+    return n > 0
+
+
 def ensure_tables(con: duckdb.DuckDBPyConnection, names: Iterable[str] | None = None) -> None:
     for name in names or TABLES:
         con.execute(create_table_sql(name))

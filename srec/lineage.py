@@ -30,7 +30,7 @@ import duckdb
 from dagster._core.definitions.data_version import DataProvenance  # noqa: PLC2701 (public class, private module)
 
 from srec.captions import caption_snapshot
-from srec.db import partition_content_hash
+from srec.db import partition_content_hash, table_exists
 from srec.preferences import preference_snapshot
 from srec.recommender import artifacts
 
@@ -62,9 +62,6 @@ def _plain(value: object) -> object:
     return v
 
 
-def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    rows = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchall()
-    return rows[0][0] > 0
 
 
 def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list) -> list[dict]:
@@ -255,7 +252,7 @@ def _upstream(instance: dg.DagsterInstance, adapter_record, asset: str, category
 def snapshot_captions(con: duckdb.DuckDBPyConnection, category: str, snapshot: str) -> tuple[list[dict] | None, str]:
     """Per item of caption ``snapshot``: its caption and what produced it. (rows, source); rows None when the
     snapshot was never recorded and item_captions no longer holds it."""
-    if _table_exists(con, "caption_snapshots") and _table_exists(con, "caption_cache"):
+    if table_exists(con, "caption_snapshots") and table_exists(con, "caption_cache"):
         rows = _rows(con, """
             SELECT s.item_id, s.status, s.modality, c.caption, s.model, s.model_fingerprint, s.prompt_version,
                    s.cache_key, c.run_id AS generated_by_run, c.created_at AS generated_at,
@@ -264,8 +261,8 @@ def snapshot_captions(con: duckdb.DuckDBPyConnection, category: str, snapshot: s
             WHERE s.category = ? AND s.snapshot = ? ORDER BY s.item_id""", [category, snapshot])
         if rows:
             return rows, "caption_snapshots"
-    if _table_exists(con, "item_captions") and caption_snapshot(con, category) == snapshot:
-        cache = "caption_cache" if _table_exists(con, "caption_cache") else None
+    if table_exists(con, "item_captions") and caption_snapshot(con, category) == snapshot:
+        cache = "caption_cache" if table_exists(con, "caption_cache") else None
         rows = _rows(con, f"""
             SELECT i.item_id, i.status, i.modality, i.caption, i.model, i.model_fingerprint, i.prompt_version,
                    i.cache_key, {"c.run_id" if cache else "NULL"} AS generated_by_run,
@@ -279,7 +276,7 @@ def snapshot_captions(con: duckdb.DuckDBPyConnection, category: str, snapshot: s
 def snapshot_preferences(con: duckdb.DuckDBPyConnection, category: str,
                          snapshot: str) -> tuple[list[dict] | None, str]:
     """Per (user, split, mode, target) of preference ``snapshot``: its summary and what produced it."""
-    if _table_exists(con, "preference_snapshots") and _table_exists(con, "preference_cache"):
+    if table_exists(con, "preference_snapshots") and table_exists(con, "preference_cache"):
         rows = _rows(con, """
             SELECT s.user_id, s.split, s.mode, s.target_seq_index, s.status, c.summary, s.model,
                    s.model_fingerprint, s.prompt_version, s.caption_snapshot, s.cache_key,
@@ -289,8 +286,8 @@ def snapshot_preferences(con: duckdb.DuckDBPyConnection, category: str,
                      [category, snapshot])
         if rows:
             return rows, "preference_snapshots"
-    if _table_exists(con, "user_preferences") and preference_snapshot(con, category) == snapshot:
-        cache = "preference_cache" if _table_exists(con, "preference_cache") else None
+    if table_exists(con, "user_preferences") and preference_snapshot(con, category) == snapshot:
+        cache = "preference_cache" if table_exists(con, "preference_cache") else None
         rows = _rows(con, f"""
             SELECT p.user_id, p.split, p.mode, p.target_seq_index, p.status, p.summary, p.model,
                    p.model_fingerprint, p.prompt_version, p.caption_snapshot, p.cache_key,
@@ -303,7 +300,7 @@ def snapshot_preferences(con: duckdb.DuckDBPyConnection, category: str,
 
 
 def _recorded(con: duckdb.DuckDBPyConnection, table: str, category: str, snapshot: str) -> bool:
-    return _table_exists(con, table) and con.execute(
+    return table_exists(con, table) and con.execute(
         f"SELECT count(*) FROM {table} WHERE category = ? AND snapshot = ?", [category, snapshot]).fetchall()[0][0] > 0
 
 
@@ -315,7 +312,7 @@ def _resolve_preference_snapshot(instance: dg.DagsterInstance, con: duckdb.DuckD
     if manifest_id is None:
         return None
     if _recorded(con, "preference_snapshots", category, manifest_id) or (
-            _table_exists(con, "user_preferences") and preference_snapshot(con, category) == manifest_id):
+            table_exists(con, "user_preferences") and preference_snapshot(con, category) == manifest_id):
         return manifest_id
     prov_version, _ = _provenance(adapter_record, PREFERENCES_ASSET)
     if prov_version is not None:
@@ -325,7 +322,7 @@ def _resolve_preference_snapshot(instance: dg.DagsterInstance, con: duckdb.DuckD
                              f"DataVersion (a whole-table hash); Dagster's provenance of the lora_adapter "
                              f"materialization resolves it to {_data_version(r)}")
                 return _data_version(r)
-    if _table_exists(con, "user_preferences") and partition_content_hash(con, "user_preferences",
+    if table_exists(con, "user_preferences") and partition_content_hash(con, "user_preferences",
                                                                          category) == manifest_id:
         resolved = preference_snapshot(con, category)
         notes.append(f"the manifest's preference_snapshot {manifest_id} is a whole-table hash of the current "
@@ -491,7 +488,7 @@ def adapters_using_caption_snapshot(instance: dg.DagsterInstance, con: duckdb.Du
     cats = [category] if category else sorted(set(adapter_categories(artifacts_root)) | set(categories or []))
     adapters = _adapters_by_caption_snapshot(instance, artifacts_root, cats).get(snapshot, []) if cats else []
     members = []
-    if _table_exists(con, "caption_snapshots"):
+    if table_exists(con, "caption_snapshots"):
         sql = ("SELECT category, count(*) AS items, count(*) FILTER (status = 'ok') AS ok, min(run_id) AS run_id "
                "FROM caption_snapshots WHERE snapshot = ?" + (" AND category = ?" if category else "") +
                " GROUP BY category ORDER BY category")
@@ -513,7 +510,7 @@ def adapters_using_item_caption(instance: dg.DagsterInstance, con: duckdb.DuckDB
     version and generating run, the caption snapshots it was part of, and the adapters trained on those."""
     if categories is not None and category not in set(categories):
         raise LineageError(f"unknown category {category!r}; declared: {', '.join(sorted(categories))}")
-    if not _table_exists(con, "caption_snapshots"):
+    if not table_exists(con, "caption_snapshots"):
         raise LineageError("the database has no caption_snapshots table: materialize item_captions with this "
                            "version of srec first")
     sql = """

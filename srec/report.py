@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from srec.db import table_exists
 from srec.metrics.core import DEFAULT_METRICS
 from srec.tables import FULL_RANKING, PROTOCOLS_SAMPLED
 
@@ -130,13 +131,6 @@ def _intervals(
 # --------------------------------------------------------------------------- reading the tables
 
 
-def _relation_exists(con, name: str) -> bool:
-    ((n,),) = con.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_name = ? AND table_schema = current_schema() AND table_catalog = current_database()",
-        [name],
-    ).fetchall()
-    return n > 0
 
 
 def _protocol_key(protocol: str) -> tuple[int, str]:
@@ -344,9 +338,9 @@ def compute_metric_rows(
             seen[(m, p)] = source
             results.append((m, p, per_user))
 
-    have_candidates = _relation_exists(con, "eval_candidates")
+    have_candidates = table_exists(con, "eval_candidates")
     for source in sampled_sources:
-        if not _relation_exists(con, source):
+        if not table_exists(con, source):
             log.info("metric report: no table %s, skipped", source)
             continue
         if not have_candidates:
@@ -354,7 +348,7 @@ def compute_metric_rows(
             continue
         add(source, _sampled_per_user(con, source, category, split, metrics, metric("scores")))
     for source in full_ranking_sources:
-        if not _relation_exists(con, source):
+        if not table_exists(con, source):
             log.info("metric report: no table %s, skipped", source)
             continue
         add(source, _full_ranking_per_user(con, source, category, split, metrics, metric("rank_counts")))
@@ -394,8 +388,8 @@ def candidate_popularity(con, category: str, split: str = "test") -> list[dict]:
     negative) pairs of a user in which the positive has the higher count, ties half: where it is under
     0.5, popularity ranks below chance on these candidates, and the report says why.
     """
-    if split not in _EARLIER_SPLITS or not _relation_exists(con, "eval_candidates") \
-            or not _relation_exists(con, "interactions"):
+    if split not in _EARLIER_SPLITS or not table_exists(con, "eval_candidates") \
+            or not table_exists(con, "interactions"):
         return []
     earlier = _EARLIER_SPLITS[split]
     rows = con.execute(

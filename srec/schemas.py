@@ -26,6 +26,7 @@ import pandera.errors as pa_errors
 import pandera.pandas as pa
 
 from srec.config import FilterSettings
+from srec.db import table_exists
 from srec.tables import FULL_RANKING, PROTOCOLS_SAMPLED, TABLES
 
 # Copy of srec.ingest.QUARANTINE_REASONS, used when that module cannot be imported.
@@ -66,6 +67,7 @@ UNIQUE_KEYS: dict[str, list[tuple[tuple[str, ...], str]]] = {
     "preference_snapshots": [(("snapshot", "user_id", "split", "mode", "target_seq_index"), "")],
     "sft_examples": [(("style", "user_id", "target_seq_index", "item_id"), "")],
     "recommender_scores": [(("model", "split", "protocol", "user_id", "slot"), "")],
+    "sft_example_settings": [(("sft_examples_version",), "")],
     "recommender_runs": [(("model",), "")],
     "lora_adapter_history": [(("version", "variant", "run_id"), "")],
     "adapter_promotions": [(("run_id", "variant"), "")],
@@ -260,6 +262,9 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
         "recommender_scores": {
             "model": [_non_empty_str()], "split": eval_split, "protocol": sampled, "user_id": [_non_empty_str()],
             "slot": [pa.Check.in_range(0, k_max)], "item_id": [_non_empty_str()], "score": unit,
+        },
+        "sft_example_settings": {
+            "settings": [_is_json_object()], "sft_examples_version": [_non_empty_str()], "built_at": [_finite()],
         },
         "recommender_runs": {
             "model": [_non_empty_str()], "variant": [_non_empty_str()], "base_model": [_non_empty_str()],
@@ -470,12 +475,6 @@ def _unique_failures(con: duckdb.DuckDBPyConnection, table: str, category: str) 
     return n_total, (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=FAILURE_COLUMNS))
 
 
-def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
-    (n,) = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = current_schema()",
-        [table],
-    ).fetchall()[0]
-    return n > 0
 
 
 def validate_partition(
@@ -501,7 +500,7 @@ def validate_partition(
         fc = pd.DataFrame([{"column": None, "check": "no rows", "failure_case": why, "index": None}])
         return ValidationOutcome(False, 0, 1, fc[FAILURE_COLUMNS])
 
-    if not _table_exists(con, table):
+    if not table_exists(con, table):
         return empty_outcome(f"table {table} does not exist")
 
     kept: list[pd.DataFrame] = []

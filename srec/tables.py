@@ -257,6 +257,14 @@ TABLES: dict[str, str] = {
         model VARCHAR NOT NULL,      -- the recommender whose tokenizer fitted the prompt
         model_fingerprint VARCHAR NOT NULL
     """,
+    # What built a category's sft_examples: lora_adapter trains on those rows and must validate on prompts
+    # built the same way (it checks; a different run config is an error, not a silent mismatch).
+    "sft_example_settings": """
+        category VARCHAR NOT NULL,
+        settings VARCHAR NOT NULL,   -- JSON: RecommenderSettings.example_json(), data_seed, styles
+        sft_examples_version VARCHAR NOT NULL,  -- the sft_examples content hash these settings produced
+        built_at DOUBLE NOT NULL     -- unix seconds
+    """,
     # The MLLM recommender's P(yes) / (P(yes) + P(no)) for stored candidates: the columns of baseline_scores.
     "recommender_scores": """
         category VARCHAR NOT NULL,

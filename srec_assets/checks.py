@@ -113,6 +113,7 @@ ALL_CHECKS = [
     invariant_check(user_preferences, "preferences_use_only_past", invariants.preferences_use_only_past),
     schema_check(sft_examples, "sft_examples", may_be_empty=lambda cfg: True),
     invariant_check(sft_examples, "sft_examples_are_sound", invariants.sft_examples_are_sound),
+    schema_check(sft_examples, "sft_example_settings"),
     schema_check(lora_adapter, "lora_adapter_history"),
     schema_check(lora_adapter, "adapter_promotions"),
     schema_check(recommender_scores, "recommender_scores"),

@@ -78,6 +78,7 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert m["captions"][0]["prompt_version"].startswith("caption_")
         assert m["tiny_random_weights"] is True and m["settings"]["lora_r"] == 16
         assert m["settings"]["seed"] == 2024 and "data_seed" in m["settings"]
+        assert m["sft_examples_settings"]["history_items"] == m["settings"]["history_items"] == 20
         assert all(v["epochs_run"] == 2 and len(v["history"]) == 2 for v in m["variants"].values())
         # PeftModel.from_pretrained loads it.
         base = LoadedModel(RunnerSettings(model=model_resources["recommender"].model))
@@ -119,3 +120,14 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         current = artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "current")["version"]
         assert current == (new.version if promoted else out.version)
         assert artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "latest")["version"] == new.version
+
+        # Run config that differs from what built the rows the adapter learned from is an error naming the
+        # setting, not validation (or test) prompts silently built another way.
+        other = {**REC, "history_items": 5}
+        for asset, says in ((lora_adapter, "differ from those sft_examples"), (recommender_scores, "other settings")):
+            bad = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                                 run_config={"ops": {asset.key.path[0]: {"config": other}}},
+                                 selection=dg.AssetSelection.assets(asset), raise_on_error=False)
+            assert not bad.success
+            message = bad.failure_data_for_node(asset.key.path[0]).error.message
+            assert says in message and "history_items: 20 -> 5" in message, message

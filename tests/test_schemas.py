@@ -128,6 +128,10 @@ GOOD: dict[str, dict[str, list]] = {
         "protocol": ["1+20", "1+20"], "user_id": ["u", "u"], "slot": [0, 1], "item_id": ["B004756YJA", "B0009P4PZC"],
         "score": [0.61, 0.2],
     },
+    "sft_example_settings": {
+        "category": ["c", "d"], "settings": ['{"history_items": 20}', '{"history_items": 10}'],
+        "sft_examples_version": ["v1", "v2"], "built_at": [1.7e9, 1.8e9],
+    },
     "recommender_runs": {
         "category": ["c", "c"], "model": ["LLM lora:fused+recurrent @ m", "LLM zero-shot:fused+recurrent @ m"],
         "variant": ["lora:fused+recurrent", "zero-shot:fused+recurrent"], "base_model": ["m", "m"],
@@ -172,6 +176,7 @@ BROKEN: dict[str, list[tuple[str, object, int, str]]] = {
                     ("reason", "x", 0, "reason_iff_not_ok")],
     "item_captions": [("modality", "audio", 0, "isin"), ("caption", None, 0, "caption_iff_ok"),
                       ("clip_score", 1.5, 0, "in_range"), ("generation", "x", 1, "json_object")],
+    "sft_example_settings": [("settings", "history_items=20", 1, "json_object"), ("built_at", np.inf, 0, "finite")],
     "user_preferences": [("history_last_seq_index", 5, 0, "history_before_target"), ("mode", "x", 1, "isin"),
                          ("summary", None, 0, "summary_iff_ok")],
 }

@@ -13,6 +13,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from srec.db import table_exists
+
 SPLITS = ("valid", "test")
 
 
@@ -106,7 +108,7 @@ def load_split_data(con: duckdb.DuckDBPyConnection, category: str) -> SplitData:
     if pos.empty:
         raise ValueError(f"no positive interactions for category {category!r}")
     sources = ["SELECT item_id FROM interactions WHERE category = $1"]
-    if _has_table(con, "eval_candidates"):
+    if table_exists(con, "eval_candidates"):
         sources.append("SELECT item_id FROM eval_candidates WHERE category = $1")
     items = con.execute(
         f"SELECT DISTINCT item_id FROM ({' UNION ALL '.join(sources)}) ORDER BY item_id", [category]
@@ -188,7 +190,3 @@ def load_candidates(
     return users, items
 
 
-def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(
-        con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [name]).fetchone()[0]
-    )

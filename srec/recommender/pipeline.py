@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 import srec.prompts as _prompts
-from srec.db import replace_partition
+from srec.db import partition_content_hash, replace_partition, table_exists
 from srec.models.generation import GenerationRequest
 from srec.recommender.data import (
     ItemInfo,
@@ -31,7 +31,7 @@ from srec.recommender.data import (
 )
 from srec.recommender.encoding import NO, YES, EncodedItem, ItemView, PromptEncoder, UserView
 from srec.recommender.scoring import mean_auc, score_shared_prefix
-from srec.recommender.settings import RecommenderSettings, Variant
+from srec.recommender.settings import PROMPT_SETTINGS, RecommenderSettings, Variant, settings_differences
 from srec.recommender.training import TrainResult, best_adapter_dir, make_row, train_lora
 
 Log = Callable[[str], None]
@@ -152,6 +152,7 @@ class SftStats:
     max_prompt_tokens: int = 0
     mean_prompt_tokens: float = 0.0
     seconds: float = 0.0
+    version: str = ""             # the sft_examples content hash (its DataVersion)
 
 
 def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, settings: RecommenderSettings, *,
@@ -195,11 +196,49 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
         log(f"sft_examples {category}: style {style}: {len(prompts)} prompts")
     frame = pd.DataFrame(records, columns=SFT_COLUMNS)
     stats.rows = write_table(con, "sft_examples", category, frame, SFT_CASTS)
+    stats.version = partition_content_hash(con, "sft_examples", category)
+    recorded = {**example_settings(settings, seed), "styles": stats.styles}
+    write_table(con, "sft_example_settings", category, pd.DataFrame([{
+        "category": category, "settings": json.dumps(recorded, sort_keys=True), "sft_examples_version": stats.version,
+        "built_at": time.time()}]))
     if len(frame):
         stats.max_prompt_tokens = int(frame["prompt_tokens"].max())
         stats.mean_prompt_tokens = float(frame["prompt_tokens"].mean())
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def example_settings(settings: RecommenderSettings, seed: int) -> dict:
+    """What decides the sft_examples rows: the prompt and negative settings, and the category's seed."""
+    return {**settings.example_json(), "data_seed": seed}
+
+
+def check_example_settings(con, category: str, settings: RecommenderSettings, *, seed: int) -> dict:
+    """The settings ``category``'s sft_examples were built with, after checking that they are the ones training
+    is about to use: validation prompts built otherwise would not match the training rows, and the adapter's
+    manifest would name settings its rows were not built with."""
+    row = con.execute("SELECT settings, sft_examples_version FROM sft_example_settings WHERE category = ?",
+                      [category]).fetchone() if table_exists(con, "sft_example_settings") else None
+    if row is None:
+        raise RecommenderInputError(f"sft_examples of {category!r} have no recorded settings (not built, or built "
+                                    "by an older srec): materialize sft_examples again")
+    recorded, version = json.loads(row[0]), row[1]
+    current = partition_content_hash(con, "sft_examples", category)
+    if current != version:
+        raise RecommenderInputError(f"sft_examples of {category!r} changed ({version} -> {current}) since their "
+                                    "settings were recorded: materialize sft_examples again")
+    diffs = settings_differences(recorded, example_settings(settings, seed))
+    if diffs:
+        raise RecommenderInputError(
+            f"this run's recommender settings differ from those sft_examples of {category!r} were built with "
+            f"({'; '.join(diffs)}): give sft_examples and lora_adapter the same run config, or materialize "
+            "sft_examples again with this one")
+    return recorded
+
+
+def prompt_settings_differences(adapter_settings: dict, settings: RecommenderSettings) -> list[str]:
+    """How this run's prompt settings differ from those an adapter was trained with (its manifest's)."""
+    return settings_differences({k: adapter_settings.get(k) for k in PROMPT_SETTINGS}, settings.prompt_json())
 
 
 SFT_COLUMNS = ["category", "style", "user_id", "target_seq_index", "item_id", "label", "label_source", "answer",

@@ -76,6 +76,15 @@ ALLOWED_HINT = (f"adapters {ADAPTERS}, modalities {MODALITIES}, preferences {PRE
                 "(e.g. 'lora:fused+recurrent', 'zero-shot', 'qlora:text+none+cot')")
 
 
+PROMPT_SETTINGS = ("history_items", "max_length", "max_item_chars", "max_title_chars", "cot_max_new_tokens")
+EXAMPLE_SETTINGS = ("negatives_per_positive", *PROMPT_SETTINGS)
+
+
+def settings_differences(recorded: dict, current: dict) -> list[str]:
+    """'name: recorded -> current' for every key of ``current`` whose value differs from ``recorded``'s."""
+    return [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items() if recorded.get(k) != v]
+
+
 @dataclass(frozen=True)
 class RecommenderSettings:
     variants: tuple[str, ...] = ("lora:fused+recurrent", "zero-shot")
@@ -144,6 +153,14 @@ class RecommenderSettings:
     def styles(self) -> list[str]:
         """Prompt styles the variants need, in first-use order."""
         return list(dict.fromkeys(v.style for v in self.parsed_variants))
+
+    def prompt_json(self) -> dict:
+        """The settings that shape a prompt (training, validation and test prompts must agree on these)."""
+        return {k: getattr(self, k) for k in PROMPT_SETTINGS}
+
+    def example_json(self) -> dict:
+        """The settings that determine the ``sft_examples`` rows: the prompt settings and the negatives."""
+        return {k: getattr(self, k) for k in EXAMPLE_SETTINGS}
 
     def training_json(self) -> dict:
         """The hyper-parameters that determine a trained adapter (for its manifest and checkpoint key)."""

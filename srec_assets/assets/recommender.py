@@ -13,7 +13,7 @@ from srec.db import partition_content_hash
 from srec.preferences import preference_snapshot
 from srec.recommender import artifacts, promotion
 from srec.recommender import pipeline as rec
-from srec.recommender.data import load_items, variant_needs
+from srec.recommender.data import RecommenderInputError, load_items, variant_needs
 from srec.recommender.settings import RecommenderSettings, Variant
 from srec_assets.assets.mllm import item_captions, item_images, user_preferences
 from srec_assets.assets.sequences import eval_candidates, interactions
@@ -89,7 +89,6 @@ def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     with storage.connect() as con:
         stats = rec.build_sft_examples(con, cfg.name, recommender.loaded, settings, seed=cfg.seed,
                                        log=context.log.info)
-        version = partition_content_hash(con, "sft_examples", cfg.name)
         sample = con.execute(
             "SELECT style, label, prefix_text || suffix_text || ' -> ' || answer AS prompt FROM sft_examples "
             "WHERE category = ? ORDER BY user_id, style, label DESC LIMIT 2", [cfg.name]).fetch_df()
@@ -104,7 +103,7 @@ def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, s
             "example": dg.MetadataValue.md("\n\n".join(f"**{r.style}, label {r.label}**\n\n```\n{r.prompt}\n```"
                                                        for r in sample.itertuples())),
         },
-        data_version=dg.DataVersion(version),
+        data_version=dg.DataVersion(stats.version),
     )
 
 
@@ -132,6 +131,10 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     with storage.connect() as con:
+        try:
+            sft_settings = rec.check_example_settings(con, cfg.name, settings, seed=cfg.seed)
+        except RecommenderInputError as e:
+            raise dg.Failure(str(e)) from e
         data = {
             "sft_examples": partition_content_hash(con, "sft_examples", cfg.name),
             "eval_candidates": partition_content_hash(con, "eval_candidates", cfg.name),
@@ -168,6 +171,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
         "preferences": [{"mode": mo, "model": m, "fingerprint": f, "prompt_version": p} for mo, m, f, p in summarisers],
         # seed: torch and batch order (the settings'); data_seed: negatives and validation users (the category's)
         "settings": settings.training_json() | {"data_seed": cfg.seed},
+        "sft_examples_settings": sft_settings,  # equal to the above where both name a setting (checked)
         "variants": entries,
         "dagster_run_id": context.run.run_id,
         "created_at": time.time(),
@@ -276,6 +280,11 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
                     raise dg.Failure(f"adapter {lora_adapter.version} was trained on base fingerprint "
                                      f"{lora_adapter.manifest.get('base_fingerprint')}, the recommender is "
                                      f"{loaded.fingerprint}: retrain lora_adapter")
+                diffs = rec.prompt_settings_differences(lora_adapter.manifest.get("settings", {}), settings)
+                if diffs:
+                    raise dg.Failure(f"adapter {lora_adapter.version} was trained on prompts built with other "
+                                     f"settings than this run's ({'; '.join(diffs)}): score with the adapter's "
+                                     "settings, or retrain lora_adapter with these")
                 model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
             name = rec.report_model_name(variant, recommender.model, tiny)
             frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
