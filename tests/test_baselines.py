@@ -18,16 +18,27 @@ from srec.baselines.train import build_model, sequence_loss
 from srec.paths import SHARED_DATA_DIR
 
 BEAUTY = SHARED_DATA_DIR / "amazon-beauty" / "user_sequence.txt"
+BEAUTY_TITLES = SHARED_DATA_DIR / "amazon-beauty" / "item_titles.csv"
 CAT = "beauty_cut"
 FAST = dict(hidden_size=32, num_layers=1, max_epochs=1, patience=1, torch_threads=1, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def beauty_cut():
-    """300 real Beauty users (last item test, second last valid), seeded 1+20 / 1+99 candidates."""
+    """300 real Beauty users (last item test, second last valid), seeded 1+20 / 1+99 candidates, their items'
+    real titles in raw_items."""
+    import pandas as pd
+
+    from srec.db import ensure_tables
+
     seqs = read_p5_sequences(BEAUTY, limit_users=300)
     con = duckdb.connect()
     write_loo_tables(con, CAT, seqs, seed=7)
+    titles = pd.read_csv(BEAUTY_TITLES, dtype=str)
+    titles = titles[titles["item_id"].isin({i for s in seqs.values() for i in s})]
+    ensure_tables(con, ["raw_items"])
+    con.execute("INSERT INTO raw_items BY NAME SELECT ? AS category, item_id, title, 'item_titles.csv' AS source_file, "
+                "row_number() OVER () + 1 AS source_line FROM titles", [CAT])
     # explicit negatives must be ignored by the baselines
     con.execute("""INSERT INTO interactions VALUES (?, ?, 'NEG-ITEM', 1.0, NULL, 999999, 0, NULL, 'train')""",
                 [CAT, next(iter(seqs))])
@@ -217,22 +228,22 @@ def test_outputs_land_in_the_tables(beauty_cut):
     ensure_tables(con, ["baseline_full_ranking"])
     con.execute("INSERT INTO baseline_full_ranking VALUES ('other', 'sasrec', 'test', 'u', 'i', 0, 0, 1)")
     summaries = run_baselines(con, CAT, BaselineSettings(**FAST))
-    assert [s["model"] for s in summaries] == ["popularity", "sasrec", "gru4rec"]
+    assert [s["model"] for s in summaries] == ["popularity", "sasrec", "gru4rec", "title_overlap"]
     assert all(s["n_users"] == 300 and s["device"] == "cpu" for s in summaries)
     rerun = run_baselines(con, CAT, BaselineSettings(models=("popularity",), **FAST))  # replaces, never appends
     assert len(rerun) == 1
     summaries = run_baselines(con, CAT, BaselineSettings(**FAST))
 
     n = lambda sql: con.execute(sql, [CAT]).fetchone()[0]  # noqa: E731
-    assert n("SELECT count(*) FROM baseline_scores WHERE category = ?") == 3 * 300 * (21 + 100) * 2
-    assert n("SELECT count(*) FROM baseline_full_ranking WHERE category = ?") == 3 * 300 * 2
-    assert n("SELECT count(*) FROM baseline_runs WHERE category = ?") == 3
+    assert n("SELECT count(*) FROM baseline_scores WHERE category = ?") == 4 * 300 * (21 + 100) * 2
+    assert n("SELECT count(*) FROM baseline_full_ranking WHERE category = ?") == 4 * 300 * 2
+    assert n("SELECT count(*) FROM baseline_runs WHERE category = ?") == 4
     # every stored candidate scored, exactly once per model
     n_cand = n("SELECT count(*) FROM eval_candidates WHERE category = ?")
     assert n("""SELECT count(*) FROM baseline_scores s JOIN eval_candidates c
-                USING (category, split, protocol, user_id, slot, item_id) WHERE s.category = ?""") == 3 * n_cand
+                USING (category, split, protocol, user_id, slot, item_id) WHERE s.category = ?""") == 4 * n_cand
     assert n("""SELECT count(DISTINCT (model, split, protocol, user_id, slot)) FROM baseline_scores
-                WHERE category = ?""") == 3 * n_cand
+                WHERE category = ?""") == 4 * n_cand
     assert con.execute("SELECT count(*) FROM baseline_full_ranking WHERE category = 'other'").fetchone()[0] == 1
     # one full-ranking row per user and split, target and n_negatives as the protocol says
     data = load_split_data(con, CAT)
@@ -265,3 +276,34 @@ def test_evaluate_split_matches_naive_per_user(beauty_cut):
     np.testing.assert_array_equal(np.stack([r.n_greater, r.n_ties, r.n_negatives]), want)
     for p, (users, items) in cands.items():
         np.testing.assert_array_equal(r.candidate_scores[p], table.numpy()[users[:, None], items])
+
+
+def test_title_overlap_matches_a_plain_reading_of_its_rule(beauty_cut):
+    """Every stored candidate's title_overlap score, recomputed per user with Python sets from the real titles:
+    the summed 1 / log(2 + items with the word) over the words shared with the last 20 history titles."""
+    import math
+    import re
+
+    con, seqs = beauty_cut
+    run_baselines(con, CAT, BaselineSettings(models=("title_overlap",), **FAST))
+    titles = dict(con.execute("SELECT item_id, title FROM raw_items WHERE category = ?", [CAT]).fetchall())
+    items = {i for s in seqs.values() for i in s}
+    words = {i: {w for w in re.findall(r"[a-z0-9]+", (titles.get(i) or "").lower()) if len(w) > 2} for i in items}
+    df: dict[str, int] = {}
+    for ws in words.values():
+        for w in ws:
+            df[w] = df.get(w, 0) + 1
+    stored = con.execute("SELECT split, user_id, item_id, score FROM baseline_scores WHERE category = ? "
+                         "AND model = 'title_overlap'", [CAT]).fetchall()
+    assert len(stored) == 300 * (21 + 100) * 2
+    for split, user, item, score in stored:
+        seq = seqs[user]
+        history = seq[:len(seq) - (1 if split == "test" else 2)][-20:]
+        seen = set().union(*(words[h] for h in history))
+        assert score == pytest.approx(sum(1 / math.log(2 + df[w]) for w in words[item] & seen), abs=1e-5)
+    assert len({round(s, 6) for *_, s in stored}) > 50  # scores really vary
+    untitled = duckdb.connect()  # the same users, no raw_items: an error, not a model of constant scores
+    write_loo_tables(untitled, CAT, seqs, seed=7)
+    with pytest.raises(ValueError, match="title_overlap needs item titles"):
+        run_baselines(untitled, CAT, BaselineSettings(models=("title_overlap",), **FAST))
+

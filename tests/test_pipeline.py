@@ -78,12 +78,16 @@ def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
     llm = {r["model"] for r in rows if r["model"].startswith("LLM ")}
     assert llm == {"LLM lora:fused+recurrent @ tiny-llava (tiny, random weights)",
                    "LLM zero-shot:fused+recurrent @ tiny-llava (tiny, random weights)"}
-    assert {r["model"] for r in rows} - llm == {"popularity", "sasrec", "gru4rec"}
+    assert {r["model"] for r in rows} - llm == {"popularity", "sasrec", "gru4rec", "title_overlap"}
+    # The text-only reference: the titles the LLM's prompt lists rank the sample's candidates well (0.70 measured).
+    text_auc = next(r["value"] for r in rows if (r["model"], r["protocol"], r["metric"]) == ("title_overlap", "1+20", "AUC"))
+    assert text_auc > 0.65, text_auc
     assert {r["protocol"] for r in rows} == {"1+20", "1+99", "full_ranking"}
     assert {r["protocol"] for r in rows if r["model"] in llm} == {"1+20"}
     assert (report_dir / "metric_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (report_dir / "metric_report.md").read_text()
     assert "full_ranking" in md or "Full ranking" in md
+    assert "`title_overlap`: TEXT ONLY, no interactions" in md and "last 10 items" in md
     # The report explains popularity's AUC: its pair share, computed in SQL from the counts, is that AUC.
     share = re.search(r"`1\+20`: positives median [^;]*higher count in ([\d.]+)% of a user's", md)
     pop_auc = next(r["value"] for r in rows if (r["model"], r["protocol"], r["metric"]) == ("popularity", "1+20", "AUC"))

@@ -1,4 +1,5 @@
-"""Classic sequential-recommendation baselines: popularity, SASRec and GRU4Rec.
+"""Classic sequential-recommendation baselines: popularity, SASRec and GRU4Rec, and a text-only reference
+(title_overlap).
 
 Trained on a category's leave-one-out positives, scored on the stored candidate sets and by full
 ranking over all items (history excluded); results go to ``baseline_scores``,
@@ -6,7 +7,7 @@ ranking over all items (history excluded); results go to ``baseline_scores``,
 """
 from srec.baselines.data import SplitData, load_candidates, load_split_data
 from srec.baselines.evaluate import evaluate_split, full_ranking_counts
-from srec.baselines.models import GRU4Rec, Popularity, SASRec
+from srec.baselines.models import GRU4Rec, Popularity, SASRec, TitleOverlap
 from srec.baselines.run import run_baselines, write_results
 from srec.baselines.train import BaselineSettings, fit
 
@@ -16,6 +17,7 @@ __all__ = [
     "Popularity",
     "SASRec",
     "SplitData",
+    "TitleOverlap",
     "evaluate_split",
     "fit",
     "full_ranking_counts",

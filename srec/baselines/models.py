@@ -6,6 +6,9 @@ predicts the item after it. Items are scored by the dot product with the (shared
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -138,3 +141,60 @@ class Popularity:
     def score_all(self, split: str, batch_size: int) -> torch.Tensor:
         """[batch_size, n_items + 1] scores (a broadcast view of the counts) for ``split``'s targets."""
         return self.counts[split].unsqueeze(0).expand(batch_size, -1)
+
+
+_TITLE_WORD = re.compile(r"[a-z0-9]+")
+
+
+def title_words(title: str | None) -> set[str]:
+    """A title's words: lower-cased runs of letters and digits, 3 characters or more."""
+    return {w for w in _TITLE_WORD.findall((title or "").lower()) if len(w) > 2}
+
+
+class TitleOverlap:
+    """Text only, no interaction counts, no training: a candidate scores the summed weight of the title words it
+    shares with the titles of the user's last ``history`` items, a word weighing 1 / log(2 + the number of the
+    category's items whose title has it) (rare words count more).
+
+    A reference for the MLLM recommender, whose prompt shows those same titles: what the text alone ranks.
+    """
+
+    def __init__(self, titles: Sequence[str | None], history: int):
+        """``titles[i]``: item index i's title (index 0 is padding; None where an item has none)."""
+        rows, cols, vocab = [], [], {}
+        for idx, title in enumerate(titles):
+            if idx == 0:
+                continue
+            for w in sorted(title_words(title)):
+                rows.append(idx)
+                cols.append(vocab.setdefault(w, len(vocab)))
+        n_words = max(len(vocab), 1)
+        items_with = np.bincount(np.asarray(cols, dtype=np.int64), minlength=n_words)
+        self.word_weight = torch.as_tensor(1.0 / np.log(2.0 + items_with), dtype=torch.float32)
+        # item x word incidence, sparse: the full Beauty set has ~12k items x ~10k words, a few words each
+        self.incidence = torch.sparse_coo_tensor(torch.as_tensor([rows, cols], dtype=torch.long).reshape(2, -1),
+                                                 torch.ones(len(rows)), (len(titles), n_words),
+                                                 check_invariants=True).coalesce()
+        # each item's word ids, padded with n_words (a word of weight 0): for marking a history's words
+        width = max(np.bincount(np.asarray(rows, dtype=np.int64), minlength=len(titles)).max(initial=0), 1)
+        self.item_words = torch.full((len(titles), int(width)), n_words, dtype=torch.long)
+        fill = np.zeros(len(titles), dtype=np.int64)
+        for r, c in zip(rows, cols):
+            self.item_words[r, fill[r]] = c
+            fill[r] += 1
+        self.history = int(history)
+        self.n_words = len(vocab)
+
+    def to(self, device) -> TitleOverlap:
+        self.word_weight, self.incidence = self.word_weight.to(device), self.incidence.to(device)
+        self.item_words = self.item_words.to(device)
+        return self
+
+    @torch.no_grad()
+    def score_all(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Scores of every item (column 0 = padding) after each left-padded history ``seqs`` [B, L]: [B, n_items + 1]."""
+        recent = seqs[:, -self.history:]
+        words = self.item_words[recent].reshape(len(recent), -1)  # padding item 0 has no words
+        seen = torch.zeros((len(recent), self.n_words + 1), device=seqs.device).scatter_(1, words, 1.0)
+        return torch.sparse.mm(self.incidence, (seen[:, :-1] * self.word_weight).T).T
+

@@ -13,9 +13,9 @@ import torch
 
 from srec.baselines.data import SPLITS, SplitData, load_candidates, load_split_data
 from srec.baselines.evaluate import SplitResult, evaluate_split, valid_ndcg
-from srec.baselines.models import Popularity
+from srec.baselines.models import Popularity, TitleOverlap
 from srec.baselines.train import BaselineSettings, build_model, fit, seed_everything
-from srec.db import ensure_tables
+from srec.db import ensure_tables, table_exists
 from srec.tables import PROTOCOLS_SAMPLED
 
 OUTPUT_TABLES = ("baseline_scores", "baseline_full_ranking", "baseline_runs")
@@ -47,6 +47,26 @@ def model_scorer(model: torch.nn.Module, data: SplitData, max_len: int, device) 
 def popularity_scorer(pop: Popularity, device) -> Callable:
     pop.counts = {split: c.to(device) for split, c in pop.counts.items()}
     return lambda split, rows: pop.score_all(split, len(rows))
+
+
+def item_titles(con: duckdb.DuckDBPyConnection, category: str, data: SplitData) -> list[str | None]:
+    """Titles by item index (index 0, padding: None), from the category's raw_items. No title at all is an error:
+    title_overlap would score every candidate 0 and look like a model at chance."""
+    titles = dict(con.execute("SELECT item_id, any_value(title) FROM raw_items WHERE category = ? AND title IS NOT "
+                              "NULL AND trim(title) <> '' GROUP BY item_id", [category]).fetchall()
+                  ) if table_exists(con, "raw_items") else {}
+    out = [None] + [titles.get(str(i)) for i in data.item_ids[1:]]
+    if not any(out):
+        raise ValueError(f"title_overlap needs item titles, but raw_items has none for the {data.n_items} items of "
+                         f"{category!r}; leave title_overlap out of the baseline models for this category")
+    return out
+
+
+def title_overlap_scorer(con, category: str, data: SplitData, s: BaselineSettings, device, log) -> Callable:
+    titles = item_titles(con, category, data)
+    log(f"{category} title_overlap: {sum(t is None for t in titles[1:])} of {data.n_items} items have no title "
+        "(they share no words with anything: score 0)")
+    return model_scorer(TitleOverlap(titles, s.title_history).to(device), data, s.title_history, device)
 
 
 def run_baselines(
@@ -82,8 +102,9 @@ def run_baselines(
         for name in s.models:
             seed_everything(s.seed)
             t0 = time.perf_counter()
-            if name == "popularity":
-                scorer = popularity_scorer(Popularity(data.n_items, data.train, data.valid_target), device)
+            if name in ("popularity", "title_overlap"):  # nothing to train
+                scorer = (popularity_scorer(Popularity(data.n_items, data.train, data.valid_target), device)
+                          if name == "popularity" else title_overlap_scorer(con, category, data, s, device, log))
                 best = valid_ndcg(scorer, data, batch_users=s.eval_batch_users, device=device)
                 fitted = dict(epochs_run=0, best_epoch=0, best_valid_ndcg10=best,
                               train_seconds=time.perf_counter() - t0, history=[])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from srec.baselines.data import SplitData
 from srec.baselines.models import GRU4Rec, SASRec
 
-MODELS = ("popularity", "sasrec", "gru4rec")
+MODELS = ("popularity", "sasrec", "gru4rec", "title_overlap")
 LOSSES = ("ce", "bce")
 
 
@@ -40,6 +40,8 @@ class BaselineSettings:
     device: str = "auto"            # 'auto' | 'cpu' | 'cuda'
     torch_threads: int | None = None  # None: leave torch's setting alone
     eval_batch_users: int = 256
+    title_history: int = 20         # title_overlap: the most recent items whose titles count (the MLLM
+                                    # recommender's prompt lists as many by default)
 
     def __post_init__(self):
         self.models = tuple(self.models)
@@ -50,8 +52,8 @@ class BaselineSettings:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if min(self.max_len, self.batch_size, self.max_epochs, self.patience, self.eval_every) < 1:
-            raise ValueError("max_len, batch_size, max_epochs, patience and eval_every must be >= 1")
+        if min(self.max_len, self.batch_size, self.max_epochs, self.patience, self.eval_every, self.title_history) < 1:
+            raise ValueError("max_len, batch_size, max_epochs, patience, eval_every and title_history must be >= 1")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -67,11 +69,27 @@ class BaselineSettings:
         d["model"] = model
         if model == "popularity":
             return {"model": model, "window": "valid: train counts; test: train + valid counts", "seed": self.seed}
+        if model == "title_overlap":
+            return {"model": model, "history": self.title_history,
+                    "word_weight": "1 / log(2 + items whose title has the word)"}
         if model == "sasrec":
             d.pop("gru_layers"), d.pop("gru_dropout")
         if model == "gru4rec":
             d.pop("num_layers"), d.pop("num_heads"), d.pop("dropout")
         return d
+
+
+def describe_baseline(model: str, settings: dict, epochs_run: int, best_epoch: int) -> str:
+    """One line for a report: what the baseline is and how it was fit (from its baseline_runs row)."""
+    if model == "popularity":
+        return "positives per item before the target (train counts for valid targets, train + valid for test)"
+    if model == "title_overlap":
+        return (f"TEXT ONLY, no interactions, no training: the summed rarity weight ({settings.get('word_weight')}) "
+                f"of the title words a candidate shares with the titles of the user's last {settings.get('history')} "
+                "items, the titles the MLLM recommender's prompt lists")
+    arch = (f"{settings.get('num_layers')} blocks" if model == "sasrec" else f"{settings.get('gru_layers')} GRU layer(s)")
+    return (f"{arch}, hidden {settings.get('hidden_size')}, {settings.get('loss')} loss, last {settings.get('max_len')} "
+            f"items; best valid NDCG@10 at epoch {best_epoch} of {epochs_run}")
 
 
 def build_model(name: str, n_items: int, s: BaselineSettings) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""baseline_scores: popularity, SASRec and GRU4Rec scored on the stored candidates and by full ranking."""
+"""baseline_scores: popularity, SASRec, GRU4Rec and title_overlap scored on the stored candidates and by full ranking."""
 
 import dagster as dg
 import pandas as pd
@@ -14,7 +14,7 @@ class BaselineConfig(dg.Config):
     """Run-config overrides. Unset fields keep the category's `baselines:` settings from
     data/categories.yaml, then srec.baselines.BaselineSettings defaults."""
 
-    models: list[str] | None = None  # default: popularity, sasrec, gru4rec
+    models: list[str] | None = None  # default: popularity, sasrec, gru4rec, title_overlap
     loss: str | None = None  # 'ce' (cross-entropy over all items) or 'bce' (SASRec's original sampled loss)
     max_epochs: int | None = None
     patience: int | None = None

@@ -1,6 +1,7 @@
 """metric_report: every model on the same candidates, by protocol, with bootstrap intervals; md + json + png."""
 
 import base64
+import json
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -8,7 +9,8 @@ import pandas as pd
 
 from resources import SrecStorage
 from srec.captions import caption_snapshot
-from srec.db import partition_content_hash, replace_partition, scalar_row
+from srec.baselines.train import describe_baseline
+from srec.db import partition_content_hash, replace_partition, scalar_row, table_exists
 from srec.report import (
     REPORT_COLUMNS,
     candidate_popularity,
@@ -54,6 +56,17 @@ def _mllm_inputs(con, category: str) -> dict:
     return out
 
 
+def _baseline_models(con, category: str) -> dict:
+    """What each classic baseline row of the report is (from baseline_runs)."""
+    if not table_exists(con, "baseline_runs"):
+        return {}
+    runs = con.execute("SELECT model, settings, epochs_run, best_epoch FROM baseline_runs WHERE category = ? "
+                       "ORDER BY model", [category]).fetchall()
+    if not runs:
+        return {}
+    return {"baseline_models": "; ".join(f"`{m}`: {describe_baseline(m, json.loads(s), e, b)}" for m, s, e, b in runs)}
+
+
 class ReportConfig(dg.Config):
     split: str = "test"
     n_boot: int = 1000
@@ -87,6 +100,7 @@ def metric_report(context: dg.AssetExecutionContext, config: ReportConfig, stora
             "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dagster_run_id": context.run.run_id,
             **_mllm_inputs(con, cfg.name),
+            **_baseline_models(con, cfg.name),
         }
         popularity = candidate_popularity_note(candidate_popularity(con, cfg.name, config.split), config.split)
         if popularity:
