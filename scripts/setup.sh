@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install srec with the CPU build of PyTorch. Idempotent: re-runs only
-# reinstall when pyproject.toml changed. Needs the package registry, nothing else.
+# Create .venv and install srec with the CPU build of PyTorch, every other package at the version in
+# constraints.txt (the set CI last passed with). Idempotent: re-runs only reinstall when pyproject.toml
+# or constraints.txt changed. Needs the package registry, nothing else.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -9,12 +10,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=".venv/.srec-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing srec into $ROOT/.venv (first run takes a few minutes)"
   # torch first, pinned to the CPU build: a later range that 2.13.0 satisfies adds nothing.
   .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
   echo "$want" > "$stamp"
 fi
 # Initialise the persistent Dagster home's storage once, here: two processes that start together on an
