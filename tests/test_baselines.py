@@ -288,7 +288,7 @@ def test_title_overlap_matches_a_plain_reading_of_its_rule(beauty_cut):
     run_baselines(con, CAT, BaselineSettings(models=("title_overlap",), **FAST))
     titles = dict(con.execute("SELECT item_id, title FROM raw_items WHERE category = ?", [CAT]).fetchall())
     items = {i for s in seqs.values() for i in s}
-    words = {i: {w for w in re.findall(r"[a-z0-9]+", (titles.get(i) or "").lower()) if len(w) > 2} for i in items}
+    words = {i: {w for w in re.findall(r"[^\W_]+", (titles.get(i) or "").lower()) if len(w) > 2} for i in items}
     df: dict[str, int] = {}
     for ws in words.values():
         for w in ws:
@@ -302,8 +302,24 @@ def test_title_overlap_matches_a_plain_reading_of_its_rule(beauty_cut):
         seen = set().union(*(words[h] for h in history))
         assert score == pytest.approx(sum(1 / math.log(2 + df[w]) for w in words[item] & seen), abs=1e-5)
     assert len({round(s, 6) for *_, s in stored}) > 50  # scores really vary
-    untitled = duckdb.connect()  # the same users, no raw_items: an error, not a model of constant scores
+    untitled = duckdb.connect()  # the same users, no raw_items: an error, not a model of constant scores ...
     write_loo_tables(untitled, CAT, seqs, seed=7)
+    logged: list[str] = []
     with pytest.raises(ValueError, match="title_overlap needs item titles"):
-        run_baselines(untitled, CAT, BaselineSettings(models=("title_overlap",), **FAST))
+        run_baselines(untitled, CAT, BaselineSettings(models=("sasrec", "title_overlap"), **FAST), log=logged.append)
+    assert not any("sasrec" in m for m in logged)  # ... raised before any training, not after it
+
+
+def test_title_overlap_words_and_titles_without_any():
+    from srec.baselines.models import TitleOverlap, title_words
+    from srec_assets.assets.baselines import baseline_settings
+
+    assert title_words("Crème Brûlée Lip_Balm, 2 oz") == {"crème", "brûlée", "lip", "balm"}
+    with pytest.raises(ValueError, match="no item title has a word"):
+        TitleOverlap([None, "TV", "Ö", None], 20)
+    # A category without an items file has no titles: its default baselines leave title_overlap out.
+    assert "title_overlap" not in baseline_settings({}, {}, max_len=50, seed=1, has_item_file=False).models
+    assert "title_overlap" in baseline_settings({}, {}, max_len=50, seed=1).models
+    named = baseline_settings({}, {"models": ["title_overlap"]}, max_len=50, seed=1, has_item_file=False)
+    assert named.models == ("title_overlap",)
 

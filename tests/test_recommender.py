@@ -173,6 +173,20 @@ def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forwa
     assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
 
 
+def test_vision_batch_pads_patches_and_refuses_mixed_inputs():
+    from srec.recommender.encoding import vision_batch
+
+    small = {"pixel_values": torch.ones(1, 3, 3, 4, 4), "image_sizes": torch.tensor([[32, 32]])}
+    large = {"pixel_values": torch.full((1, 5, 3, 4, 4), 2.0), "image_sizes": torch.tensor([[64, 32]])}
+    out = vision_batch([small, None, large], "cpu", torch.bfloat16)  # the text-only row adds nothing
+    assert out["pixel_values"].shape == (2, 5, 3, 4, 4) and out["pixel_values"].dtype == torch.bfloat16
+    assert out["pixel_values"][0, 3:].abs().sum() == 0 and out["pixel_values"][1].min() == 2
+    assert out["image_sizes"].dtype == torch.long and out["image_sizes"].tolist() == [[32, 32], [64, 32]]
+    assert vision_batch([None, None], "cpu", torch.float32) == {}
+    with pytest.raises(PromptError, match="different processor inputs"):
+        vision_batch([{"pixel_values": torch.ones(1, 5, 3, 4, 4)}, large], "cpu", torch.float32)
+
+
 def test_a_processor_with_unsupported_image_inputs_is_a_clear_error(tiny_models, images):
     """Idefics3 / SmolVLM add a pixel_attention_mask the scorer does not batch: a named error, before any
     generation, not a failure deep in a forward pass."""

@@ -143,7 +143,7 @@ class Popularity:
         return self.counts[split].unsqueeze(0).expand(batch_size, -1)
 
 
-_TITLE_WORD = re.compile(r"[a-z0-9]+")
+_TITLE_WORD = re.compile(r"[^\W_]+")  # letters and digits of any script ("crème" is one word)
 
 
 def title_words(title: str | None) -> set[str]:
@@ -156,7 +156,7 @@ class TitleOverlap:
     shares with the titles of the user's last ``history`` items, a word weighing 1 / log(2 + the number of the
     category's items whose title has it) (rare words count more).
 
-    A reference for the MLLM recommender, whose prompt shows those same titles: what the text alone ranks.
+    A reference for the MLLM recommender, whose prompt lists the recent items' titles: what such text alone ranks.
     """
 
     def __init__(self, titles: Sequence[str | None], history: int):
@@ -168,7 +168,10 @@ class TitleOverlap:
             for w in sorted(title_words(title)):
                 rows.append(idx)
                 cols.append(vocab.setdefault(w, len(vocab)))
-        n_words = max(len(vocab), 1)
+        if not vocab:
+            raise ValueError("title_overlap: no item title has a word (3 or more letters or digits); it would score "
+                             "every candidate 0")
+        n_words = len(vocab)
         items_with = np.bincount(np.asarray(cols, dtype=np.int64), minlength=n_words)
         self.word_weight = torch.as_tensor(1.0 / np.log(2.0 + items_with), dtype=torch.float32)
         # item x word incidence, sparse: the full Beauty set has ~12k items x ~10k words, a few words each

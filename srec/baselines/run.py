@@ -62,11 +62,11 @@ def item_titles(con: duckdb.DuckDBPyConnection, category: str, data: SplitData) 
     return out
 
 
-def title_overlap_scorer(con, category: str, data: SplitData, s: BaselineSettings, device, log) -> Callable:
+def title_overlap_model(con, category: str, data: SplitData, s: BaselineSettings, log) -> TitleOverlap:
     titles = item_titles(con, category, data)
     log(f"{category} title_overlap: {sum(t is None for t in titles[1:])} of {data.n_items} items have no title "
         "(they share no words with anything: score 0)")
-    return model_scorer(TitleOverlap(titles, s.title_history).to(device), data, s.title_history, device)
+    return TitleOverlap(titles, s.title_history)
 
 
 def run_baselines(
@@ -96,6 +96,8 @@ def run_baselines(
                 log(f"{category}: no stored {split} candidates for protocol {p}; only full ranking for that one")
     log(f"{category}: {data.n_users} users, {data.n_items} items, device {device}")
 
+    # Before any training: a category without usable titles fails here, not after the neural baselines' epochs.
+    text_model = title_overlap_model(con, category, data, s, log) if "title_overlap" in s.models else None
     results: dict[str, dict[str, SplitResult]] = {}
     summaries = []
     with _torch_threads(s.torch_threads):
@@ -104,7 +106,8 @@ def run_baselines(
             t0 = time.perf_counter()
             if name in ("popularity", "title_overlap"):  # nothing to train
                 scorer = (popularity_scorer(Popularity(data.n_items, data.train, data.valid_target), device)
-                          if name == "popularity" else title_overlap_scorer(con, category, data, s, device, log))
+                          if name == "popularity" else
+                          model_scorer(text_model.to(device), data, s.title_history, device))
                 best = valid_ndcg(scorer, data, batch_users=s.eval_batch_users, device=device)
                 fitted = dict(epochs_run=0, best_epoch=0, best_valid_ndcg10=best,
                               train_seconds=time.perf_counter() - t0, history=[])

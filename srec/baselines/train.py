@@ -85,8 +85,8 @@ def describe_baseline(model: str, settings: dict, epochs_run: int, best_epoch: i
         return "positives per item before the target (train counts for valid targets, train + valid for test)"
     if model == "title_overlap":
         return (f"TEXT ONLY, no interactions, no training: the summed rarity weight ({settings.get('word_weight')}) "
-                f"of the title words a candidate shares with the titles of the user's last {settings.get('history')} "
-                "items, the titles the MLLM recommender's prompt lists")
+                f"of the title words a candidate shares with the full titles of the user's last "
+                f"{settings.get('history')} items (the kind of text the MLLM recommender's prompt lists)")
     arch = (f"{settings.get('num_layers')} blocks" if model == "sasrec" else f"{settings.get('gru_layers')} GRU layer(s)")
     return (f"{arch}, hidden {settings.get('hidden_size')}, {settings.get('loss')} loss, last {settings.get('max_len')} "
             f"items; best valid NDCG@10 at epoch {best_epoch} of {epochs_run}")

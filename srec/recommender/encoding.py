@@ -271,6 +271,9 @@ def vision_batch(vision: Sequence[dict | None], device, dtype) -> dict:
     parts = [v for v in vision if v is not None]
     if not parts:
         return {}
+    if len({frozenset(v) for v in parts}) > 1:
+        raise PromptError(f"a batch's images came with different processor inputs ({sorted({tuple(sorted(v)) for v in parts})}); "
+                          "one processor gives every image the same ones")
     out = {}
     for key in parts[0]:
         tensors = [v[key] for v in parts]

@@ -5,6 +5,7 @@ import pandas as pd
 
 from resources import SrecStorage
 from srec.baselines import BaselineSettings, run_baselines
+from srec.baselines.train import MODELS
 from srec.db import partition_content_hash
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.partitions import category_config, category_partitions
@@ -22,12 +23,16 @@ class BaselineConfig(dg.Config):
     device: str | None = None  # 'auto' | 'cpu' | 'cuda'
 
 
-def baseline_settings(category_settings: dict, overrides: dict, *, max_len: int, seed: int) -> BaselineSettings:
-    """Defaults < category config < run config. max_len and seed come from the category."""
+def baseline_settings(category_settings: dict, overrides: dict, *, max_len: int, seed: int,
+                      has_item_file: bool = True) -> BaselineSettings:
+    """Defaults < category config < run config. max_len and seed come from the category. A category without an
+    items file has no titles: the default models leave title_overlap out (asked for by name, it is an error)."""
     merged = {"max_len": max_len, "seed": seed, **category_settings}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     if "models" in merged:
         merged["models"] = tuple(merged["models"])
+    elif not has_item_file:
+        merged["models"] = tuple(m for m in MODELS if m != "title_overlap")
     return BaselineSettings(**merged)
 
 
@@ -48,7 +53,8 @@ def baseline_scores(
 ) -> dg.MaterializeResult:
     cfg = category_config(context)
     settings = baseline_settings(
-        cfg.baselines, config.model_dump(), max_len=cfg.filtering.max_history, seed=cfg.seed
+        cfg.baselines, config.model_dump(), max_len=cfg.filtering.max_history, seed=cfg.seed,
+        has_item_file=cfg.items is not None,
     )
     with storage.connect() as con:
         summaries = run_baselines(con, cfg.name, settings, log=context.log.info)

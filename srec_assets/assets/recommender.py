@@ -125,16 +125,17 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     settings = recommender_settings(context, config)
     _check_cuda(settings, recommender)
     trained = [v for v in settings.parsed_variants if v.trains]
+    with storage.connect() as con:
+        try:
+            sft_settings = rec.check_example_settings(con, cfg.name, settings, seed=cfg.seed)
+        except RecommenderInputError as e:
+            raise dg.Failure(str(e)) from e
     root = storage.artifact_dir("lora_adapter", cfg.name)
     staging = root / f"_staging-{context.run.run_id}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     with storage.connect() as con:
-        try:
-            sft_settings = rec.check_example_settings(con, cfg.name, settings, seed=cfg.seed)
-        except RecommenderInputError as e:
-            raise dg.Failure(str(e)) from e
         data = {
             "sft_examples": partition_content_hash(con, "sft_examples", cfg.name),
             "eval_candidates": partition_content_hash(con, "eval_candidates", cfg.name),
@@ -263,6 +264,12 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
     cfg = category_config(context)
     settings = recommender_settings(context, config)
     _check_cuda(settings, recommender)
+    # Before any scoring: an adapter trained on prompts built otherwise would be scored on prompts it never saw.
+    diffs = rec.prompt_settings_differences(lora_adapter.manifest.get("settings", {}), settings)
+    if diffs and any(v.trains for v in settings.parsed_variants):
+        raise dg.Failure(f"adapter {lora_adapter.version} was trained on prompts built with other settings than this "
+                         f"run's ({'; '.join(diffs)}): score with the adapter's settings, or retrain lora_adapter with "
+                         "these")
     frames, runs, summary = [], [], []
     with storage.connect() as con:
         items = load_items(con, cfg.name)
@@ -280,11 +287,6 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
                     raise dg.Failure(f"adapter {lora_adapter.version} was trained on base fingerprint "
                                      f"{lora_adapter.manifest.get('base_fingerprint')}, the recommender is "
                                      f"{loaded.fingerprint}: retrain lora_adapter")
-                diffs = rec.prompt_settings_differences(lora_adapter.manifest.get("settings", {}), settings)
-                if diffs:
-                    raise dg.Failure(f"adapter {lora_adapter.version} was trained on prompts built with other "
-                                     f"settings than this run's ({'; '.join(diffs)}): score with the adapter's "
-                                     "settings, or retrain lora_adapter with these")
                 model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
             name = rec.report_model_name(variant, recommender.model, tiny)
             frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
