@@ -473,8 +473,10 @@ def test_promotion_gate_decisions():
     assert "kept v1" in worse.reason and "lora:b by 0.0200" in worse.reason
     new_variant = decide({"lora:c": 0.40}, "v2", {"lora:a": 0.55}, "v1", 0.0)
     assert new_variant.promoted and "no variant in common" in new_variant.reason
-    recorded = decide({"lora:a": 0.40}, "v2", {"lora:a": 0.55}, "v1", 0.0, current_rescored=False)
-    assert not recorded.promoted and "recorded validation AUC" in recorded.reason
+    # An adapter of another base cannot serve this one: replaced, whatever its own figures were.
+    other_base = decide({"lora:a": 0.40}, "v2", None, "v1", 0.0, current_unusable="was trained on base fingerprint x")
+    assert other_base.promoted and "promoted over v1, which was trained on base fingerprint x" in other_base.reason
+    assert [r.current_valid_auc for r in other_base.rows] == [None]
     with pytest.raises(ValueError, match="margin"):
         decide({"lora:a": 0.5}, "v2", None, None, -0.1)
 

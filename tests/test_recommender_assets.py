@@ -131,3 +131,21 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
             assert not bad.success
             message = bad.failure_data_for_node(asset.key.path[0]).error.message
             assert says in message and "history_items: 20 -> 5" in message, message
+
+        # The base model changed since the current adapter was trained (simulated: its manifest names another
+        # fingerprint, as after switching models or re-saving one with another library version). It cannot
+        # serve this base, so a retrain replaces it whatever the figures, and recommender_scores runs again.
+        root = tmp_path / "artifacts" / "lora_adapter"
+        current = artifacts.load_current(root, "beauty")
+        manifest_file = current.folder / "manifest.json"
+        manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "base_fingerprint": "0" * 16}))
+        replaced = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                                  run_config={"ops": {"lora_adapter": {"config": {**REC, "learning_rate": 1e-7}},
+                                                      "recommender_scores": {"config": REC}}},
+                                  selection=dg.AssetSelection.assets(lora_adapter, recommender_scores))
+        assert replaced.success
+        newest = replaced.output_for_node("lora_adapter")
+        assert newest.manifest["promotion"]["promoted"] is True
+        assert "cannot serve" in newest.manifest["promotion"]["reason"], newest.manifest["promotion"]["reason"]
+        assert artifacts.pointer(root, "beauty", "current")["version"] == newest.version
+

@@ -2,8 +2,10 @@
 validation AUC is not worse than the current adapter's by more than a margin, on the same candidates.
 
 The current adapter is re-scored on this run's validation candidates (its recorded figure was measured on
-the data of its own run, which a retrain on new data has changed); only when it cannot be loaded on this
-run's base model is its recorded figure used, and the decision says so.
+the data of its own run, which a retrain on new data has changed). An adapter trained on another base model
+(another fingerprint: a switched model, or the same one re-saved by another library version) cannot serve
+this one, as ``recommender_scores`` refuses it: the candidate replaces it without a comparison, and the
+decision says why. Keeping it would leave the category with no adapter that can score.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class PromotionDecision:
     candidate_version: str
     current_version: str | None
     margin: float
-    current_rescored: bool            # False: the current adapter's recorded validation AUC was compared
+    current_rescored: bool            # False: the current adapter was not compared (it cannot serve this base)
     rows: list[GateRow] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -37,33 +39,38 @@ class PromotionDecision:
 
 
 def decide(candidate: dict[str, float], candidate_version: str, current: dict[str, float] | None,
-           current_version: str | None, margin: float, *, current_rescored: bool = True) -> PromotionDecision:
+           current_version: str | None, margin: float, *, current_unusable: str | None = None) -> PromotionDecision:
     """``candidate`` / ``current``: variant -> validation AUC on the same candidates. Every variant both sets
     trained must pass (candidate >= current - margin); variants only the candidate has pass (nothing to
-    compare with, and the decision says so)."""
+    compare with, and the decision says so). ``current_unusable``: why the current adapter cannot serve this
+    run's base model; the candidate then replaces it."""
     if margin < 0:
         raise ValueError(f"promotion margin must be >= 0, got {margin}")
+    if current_unusable and current_version is not None and current_version != candidate_version:
+        rows = [GateRow(v, a, None, True) for v, a in candidate.items()]
+        return PromotionDecision(True, f"promoted over {current_version}, which {current_unusable}", candidate_version,
+                                 current_version, margin, False, rows)
     if current is None or current_version is None:
         rows = [GateRow(v, a, None, True) for v, a in candidate.items()]
         return PromotionDecision(True, "first adapter for the category: promoted", candidate_version, None, margin,
-                                 current_rescored, rows)
+                                 True, rows)
     if current_version == candidate_version:
         rows = [GateRow(v, a, current.get(v, a), True) for v, a in candidate.items()]
         return PromotionDecision(True, "same content version as the current adapter", candidate_version,
-                                 current_version, margin, current_rescored, rows)
+                                 current_version, margin, True, rows)
     rows = [GateRow(v, a, current.get(v), current.get(v) is None or a >= current[v] - margin)
             for v, a in candidate.items()]
     failed = [r for r in rows if not r.passed]
     compared = [r for r in rows if r.current_valid_auc is not None]
-    how = "re-scored on the same validation candidates" if current_rescored else "its recorded validation AUC"
+    how = "re-scored on the same validation candidates"
     if failed:
         worst = min(failed, key=lambda r: r.delta)
         reason = (f"kept {current_version}: {len(failed)} of {len(compared)} variants worse than the current adapter "
                   f"({how}) by more than {margin:g}; {worst.variant} by {-worst.delta:.4f}")
-        return PromotionDecision(False, reason, candidate_version, current_version, margin, current_rescored, rows)
+        return PromotionDecision(False, reason, candidate_version, current_version, margin, True, rows)
     if not compared:
         reason = f"promoted: no variant in common with {current_version} to compare"
     else:
         reason = (f"promoted over {current_version}: every one of {len(compared)} variants within {margin:g} of the "
                   f"current adapter ({how}) or better")
-    return PromotionDecision(True, reason, candidate_version, current_version, margin, current_rescored, rows)
+    return PromotionDecision(True, reason, candidate_version, current_version, margin, True, rows)

@@ -226,7 +226,7 @@ def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner
     except FileNotFoundError as e:  # a pointer to a deleted version: nothing to compare with
         context.log.warning(f"current adapter unreadable ({e}); treating this one as the first")
         current = None
-    scores, rescored = None, True
+    scores, unusable = None, None
     if current is not None and current.version != staged.version:
         if base is not None and current.manifest.get("base_fingerprint") == base.fingerprint:
             scores = {}
@@ -237,12 +237,12 @@ def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner
                         current.adapter_path(variant.name), settings, seed=cfg.seed, items=items)
                     context.log.info(f"current adapter {current.version} {variant.name}: valid AUC "
                                      f"{scores[variant.name]:.4f} on this run's candidates")
-        else:  # another base model: its adapters cannot be re-scored on this one
-            scores = {k: v["best_valid_auc"] for k, v in current.manifest["variants"].items()}
-            rescored = False
+        else:  # another base model: recommender_scores could not load it on this one
+            unusable = (f"was trained on base fingerprint {current.manifest.get('base_fingerprint')}, not this "
+                        f"recommender's {base.fingerprint if base else None}: it cannot serve it")
     decision = promotion.decide(candidate, staged.version, scores if current else None,
                                 current.version if current else None, settings.promotion_margin,
-                                current_rescored=rescored)
+                                current_unusable=unusable)
     context.log.info(f"promotion gate: {decision.reason}")
     return decision
 
