@@ -62,6 +62,8 @@ def test_whole_graph_on_the_sample(storage, model_resources, tmp_path):
         assert prefs_md["rows"].value == prefs_md["ok"].value == 1065 * 3
         sft_md = result.asset_materializations_for_node("sft_examples")[0].metadata
         assert sft_md["rows"].value == 1065 * 2 and sft_md["negatives_sampled"].value == 1065
+        cut = re.fullmatch(r"(\d+) of (\d+) items \(max_item_chars 240\)", sft_md["candidate_texts_cut"].value["fused+recurrent"])
+        assert cut and 0 < int(cut.group(1)) < int(cut.group(2)), sft_md["candidate_texts_cut"].value
         assert prefs_md["caption_snapshot"].value == captions_md["caption_snapshot"].value
         ingest_md = result.asset_materializations_for_node("raw_reviews")[0].metadata
         assert ingest_md["rows_read"].value == ingest_md["rows_kept"].value + ingest_md["rows_quarantined"].value

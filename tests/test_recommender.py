@@ -62,6 +62,19 @@ def test_variants_parse_and_reject_unknown_values():
         RecommenderSettings.from_mapping({"lora_rank": 8})
 
 
+def test_item_views_say_when_the_candidate_text_was_cut():
+    from srec.recommender.data import ItemInfo, item_view
+
+    settings = RecommenderSettings(max_item_chars=120)
+    short = ItemInfo(TITLES[1], None, None, "A red nail lacquer.", "Red nail polish in a glass bottle.", None)
+    long = ItemInfo(TITLES[0], "Philips", "Beauty > Tools", "x " * 200, "A brush head. " * 20, None)
+    for modality in ("fused", "text"):
+        assert not item_view(short, modality, settings).cut
+        view = item_view(long, modality, settings)
+        assert view.cut and len(view.text) <= 120 and view.text.endswith("...")
+    assert not item_view(long, "image", settings).cut
+
+
 def test_answer_ids_are_what_the_tokenizer_produces_in_context(llava):
     for cot in (False, True):
         enc = PromptEncoder(llava, max_length=1024, cot=cot)

@@ -76,14 +76,18 @@ def load_items(con: duckdb.DuckDBPyConnection, category: str) -> dict[str, ItemI
 def item_view(info: ItemInfo, modality: str, settings: RecommenderSettings) -> ItemView:
     """The candidate as the prompt shows it: fused (image + caption), text (item text) or image only."""
     n = settings.max_item_chars
-    if modality == "text":
-        return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), None)
     if modality == "image":
         return ItemView("(shown in the image)" if info.image_path else "(no image available)", info.image_path)
+    whole = item_text(info.title, info.brand, info.categories, info.description, max_description_chars=10**9)
+    if modality == "text":
+        return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), None,
+                        cut=len(whole) > n)
     title = f"Title: {info.title or '(no title)'}"
     if info.caption:
-        return ItemView(cut_text(f"{title}\nDescription: {info.caption}", n), info.image_path)
-    return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), info.image_path)
+        fused = f"{title}\nDescription: {info.caption}"
+        return ItemView(cut_text(fused, n), info.image_path, cut=len(fused) > n)
+    return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), info.image_path,
+                    cut=len(whole) > n)
 
 
 def history_line(info: ItemInfo | None, settings: RecommenderSettings) -> str:

@@ -37,6 +37,7 @@ class ItemView:
     """A candidate item as a prompt shows it."""
     text: str                  # the candidate's lines (under "Candidate item:")
     image_path: str | None     # sent as an image part; None: no image part
+    cut: bool = False          # the text was cut to max_item_chars (counted in sft_examples' metadata)
 
 
 @dataclass(frozen=True)

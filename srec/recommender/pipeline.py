@@ -148,6 +148,7 @@ class SftStats:
     low_rating: int = 0
     sampled: int = 0
     truncated_prompts: int = 0    # prompts whose oldest history lines were dropped to fit max_length
+    candidate_texts_cut: dict[str, str] = field(default_factory=dict)  # style -> "k of n items" cut to max_item_chars
     summary_cut: int = 0
     max_prompt_tokens: int = 0
     mean_prompt_tokens: float = 0.0
@@ -177,6 +178,9 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
         prompts = build_prompts(encoder, variant, groups, items, settings,
                                 cot_generator(loaded, settings) if variant.cot else None)
         version = style_prompt_versions(variant)
+        shown = {p.item_id for p in planned}
+        cut = sum(item_view(items[i], variant.modality, settings).cut for i in shown)
+        stats.candidate_texts_cut[style] = f"{cut} of {len(shown)} items (max_item_chars {settings.max_item_chars})"
         for up, (_, ps) in zip(prompts, by_ctx.values()):
             stats.truncated_prompts += up.history_dropped > 0
             stats.summary_cut += up.summary_cut

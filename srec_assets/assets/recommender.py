@@ -97,7 +97,9 @@ def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, s
             "rows": stats.rows, "styles": dg.MetadataValue.json(stats.styles), "training_targets": stats.targets,
             "positives": stats.positives, "negatives_low_rating": stats.low_rating,
             "negatives_sampled": stats.sampled, "prompts_truncated": stats.truncated_prompts,
-            "summaries_cut": stats.summary_cut, "max_prompt_tokens": stats.max_prompt_tokens,
+            "summaries_cut": stats.summary_cut,
+            "candidate_texts_cut": dg.MetadataValue.json(stats.candidate_texts_cut),
+            "max_prompt_tokens": stats.max_prompt_tokens,
             "mean_prompt_tokens": round(stats.mean_prompt_tokens, 1), "seconds": round(stats.seconds, 1),
             "recommender": recommender.model,
             "example": dg.MetadataValue.md("\n\n".join(f"**{r.style}, label {r.label}**\n\n```\n{r.prompt}\n```"
