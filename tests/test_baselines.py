@@ -315,7 +315,7 @@ def test_title_overlap_words_and_titles_without_any():
     from srec_assets.assets.baselines import baseline_settings
 
     assert title_words("Crème Brûlée Lip_Balm, 2 oz") == {"crème", "brûlée", "lip", "balm"}
-    with pytest.raises(ValueError, match="no item title has a word"):
+    with pytest.raises(ValueError, match="title_overlap needs item titles: no item's title has a word"):
         TitleOverlap([None, "TV", "Ö", None], 20)
     # A category without an items file has no titles: its default baselines leave title_overlap out.
     assert "title_overlap" not in baseline_settings({}, {}, max_len=50, seed=1, has_item_file=False).models

@@ -78,7 +78,9 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert m["captions"][0]["prompt_version"].startswith("caption_")
         assert m["tiny_random_weights"] is True and m["settings"]["lora_r"] == 16
         assert m["settings"]["seed"] == 2024 and "data_seed" in m["settings"]
-        assert m["sft_examples_settings"]["history_items"] == m["settings"]["history_items"] == 20
+        assert m["sft_examples_styles"] == ["fused+recurrent", "text+none"] and m["settings"]["history_items"] == 20
+        assert m["data"]["sft_examples"] == result.asset_materializations_for_node("sft_examples")[0].tags.get(
+            "dagster/data_version")
         assert all(v["epochs_run"] == 2 and len(v["history"]) == 2 for v in m["variants"].values())
         # PeftModel.from_pretrained loads it.
         base = LoadedModel(RunnerSettings(model=model_resources["recommender"].model))

@@ -78,16 +78,11 @@ def item_view(info: ItemInfo, modality: str, settings: RecommenderSettings) -> I
     n = settings.max_item_chars
     if modality == "image":
         return ItemView("(shown in the image)" if info.image_path else "(no image available)", info.image_path)
-    whole = item_text(info.title, info.brand, info.categories, info.description, max_description_chars=10**9)
-    if modality == "text":
-        return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), None,
-                        cut=len(whole) > n)
-    title = f"Title: {info.title or '(no title)'}"
-    if info.caption:
-        fused = f"{title}\nDescription: {info.caption}"
-        return ItemView(cut_text(fused, n), info.image_path, cut=len(fused) > n)
-    return ItemView(cut_text(item_text(info.title, info.brand, info.categories, info.description, n), n), info.image_path,
-                    cut=len(whole) > n)
+    if modality == "fused" and info.caption:
+        whole = f"Title: {info.title or '(no title)'}\nDescription: {info.caption}"
+    else:  # the item's own text (also the fused view of an item whose captioning failed)
+        whole = item_text(info.title, info.brand, info.categories, info.description, max_description_chars=10**9)
+    return ItemView(cut_text(whole, n), info.image_path if modality == "fused" else None, cut=len(whole) > n)
 
 
 def history_line(info: ItemInfo | None, settings: RecommenderSettings) -> str:

@@ -217,10 +217,10 @@ def example_settings(settings: RecommenderSettings, seed: int) -> dict:
     return {**settings.example_json(), "data_seed": seed}
 
 
-def check_example_settings(con, category: str, settings: RecommenderSettings, *, seed: int) -> dict:
-    """The settings ``category``'s sft_examples were built with, after checking that they are the ones training
-    is about to use: validation prompts built otherwise would not match the training rows, and the adapter's
-    manifest would name settings its rows were not built with."""
+def check_example_settings(con, category: str, settings: RecommenderSettings, *, seed: int) -> tuple[dict, str]:
+    """(the settings ``category``'s sft_examples were built with, the rows' content hash), after checking that
+    the settings are the ones training is about to use: validation prompts built otherwise would not match the
+    training rows, and the adapter's manifest would name settings its rows were not built with."""
     row = con.execute("SELECT settings, sft_examples_version FROM sft_example_settings WHERE category = ?",
                       [category]).fetchone() if table_exists(con, "sft_example_settings") else None
     if row is None:
@@ -237,7 +237,7 @@ def check_example_settings(con, category: str, settings: RecommenderSettings, *,
             f"this run's recommender settings differ from those sft_examples of {category!r} were built with "
             f"({'; '.join(diffs)}): give sft_examples and lora_adapter the same run config, or materialize "
             "sft_examples again with this one")
-    return recorded
+    return recorded, current
 
 
 def prompt_settings_differences(adapter_settings: dict, settings: RecommenderSettings) -> list[str]:

@@ -31,7 +31,6 @@ class PromotionDecision:
     candidate_version: str
     current_version: str | None
     margin: float
-    current_rescored: bool            # False: the current adapter was not compared (it cannot serve this base)
     rows: list[GateRow] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -49,15 +48,14 @@ def decide(candidate: dict[str, float], candidate_version: str, current: dict[st
     if current_unusable and current_version is not None and current_version != candidate_version:
         rows = [GateRow(v, a, None, True) for v, a in candidate.items()]
         return PromotionDecision(True, f"promoted over {current_version}, which {current_unusable}", candidate_version,
-                                 current_version, margin, False, rows)
+                                 current_version, margin, rows)
     if current is None or current_version is None:
         rows = [GateRow(v, a, None, True) for v, a in candidate.items()]
-        return PromotionDecision(True, "first adapter for the category: promoted", candidate_version, None, margin,
-                                 True, rows)
+        return PromotionDecision(True, "first adapter for the category: promoted", candidate_version, None, margin, rows)
     if current_version == candidate_version:
         rows = [GateRow(v, a, current.get(v, a), True) for v, a in candidate.items()]
         return PromotionDecision(True, "same content version as the current adapter", candidate_version,
-                                 current_version, margin, True, rows)
+                                 current_version, margin, rows)
     rows = [GateRow(v, a, current.get(v), current.get(v) is None or a >= current[v] - margin)
             for v, a in candidate.items()]
     failed = [r for r in rows if not r.passed]
@@ -67,10 +65,10 @@ def decide(candidate: dict[str, float], candidate_version: str, current: dict[st
         worst = min(failed, key=lambda r: r.delta)
         reason = (f"kept {current_version}: {len(failed)} of {len(compared)} variants worse than the current adapter "
                   f"({how}) by more than {margin:g}; {worst.variant} by {-worst.delta:.4f}")
-        return PromotionDecision(False, reason, candidate_version, current_version, margin, True, rows)
+        return PromotionDecision(False, reason, candidate_version, current_version, margin, rows)
     if not compared:
         reason = f"promoted: no variant in common with {current_version} to compare"
     else:
         reason = (f"promoted over {current_version}: every one of {len(compared)} variants within {margin:g} of the "
                   f"current adapter ({how}) or better")
-    return PromotionDecision(True, reason, candidate_version, current_version, margin, True, rows)
+    return PromotionDecision(True, reason, candidate_version, current_version, margin, rows)

@@ -127,19 +127,18 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     settings = recommender_settings(context, config)
     _check_cuda(settings, recommender)
     trained = [v for v in settings.parsed_variants if v.trains]
-    with storage.connect() as con:
-        try:
-            sft_settings = rec.check_example_settings(con, cfg.name, settings, seed=cfg.seed)
-        except RecommenderInputError as e:
-            raise dg.Failure(str(e)) from e
     root = storage.artifact_dir("lora_adapter", cfg.name)
     staging = root / f"_staging-{context.run.run_id}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     with storage.connect() as con:
+        try:  # before anything is staged
+            sft_recorded, sft_version = rec.check_example_settings(con, cfg.name, settings, seed=cfg.seed)
+        except RecommenderInputError as e:
+            raise dg.Failure(str(e)) from e
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
         data = {
-            "sft_examples": partition_content_hash(con, "sft_examples", cfg.name),
+            "sft_examples": sft_version,
             "eval_candidates": partition_content_hash(con, "eval_candidates", cfg.name),
             "interactions": partition_content_hash(con, "interactions", cfg.name),
             "caption_snapshot": caption_snapshot(con, cfg.name),
@@ -174,7 +173,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
         "preferences": [{"mode": mo, "model": m, "fingerprint": f, "prompt_version": p} for mo, m, f, p in summarisers],
         # seed: torch and batch order (the settings'); data_seed: negatives and validation users (the category's)
         "settings": settings.training_json() | {"data_seed": cfg.seed},
-        "sft_examples_settings": sft_settings,  # equal to the above where both name a setting (checked)
+        "sft_examples_styles": sft_recorded["styles"],  # their other settings equal the above (checked)
         "variants": entries,
         "dagster_run_id": context.run.run_id,
         "created_at": time.time(),
