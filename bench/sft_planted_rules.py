@@ -122,13 +122,11 @@ def planted_groups(contexts, words_of, rule, sample):
     return groups
 
 
-def run(name: str, model_path: str, groups, validation_groups, settings, items, work: Path, full_lr: float,
-        log=print) -> dict:
-    """``sft_learnability.lora_then_full`` on ``groups`` ([yes item, no item] per context), validated through
-    the shared-prefix scorer on ``validation_groups``: the mean AUC of each group's first item against the rest
-    (for [yes, no] pairs: the share of pairs ordered right, ties half)."""
-    from sft_learnability import lora_then_full
-
+def prompt_setup(model_path: str, groups, validation_groups, settings, items):
+    """A fresh load of ``model_path`` and, on it: (loaded, (yes id, no id), training rows of ``groups``, validate).
+    ``groups``: (context, [yes item, no item]); ``validate(model)``: through the shared-prefix scorer on
+    ``validation_groups``, the mean AUC of each group's first item against the rest (for [yes, no] pairs: the
+    share of pairs ordered right, ties half)."""
     from srec.models.runner import LoadedModel, RunnerSettings
     from srec.recommender import pipeline as P
     from srec.recommender.encoding import NO, YES, PromptEncoder
@@ -138,22 +136,28 @@ def run(name: str, model_path: str, groups, validation_groups, settings, items, 
 
     variant = Variant.parse(VARIANT)
     size = len(validation_groups[0][1])
+    loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
+    encoder = PromptEncoder(loaded, max_length=settings.max_length)
+    rows = [make_row(up.prefix_ids, e, encoder.answer_ids[YES if k == 0 else NO])
+            for up in P.build_prompts(encoder, variant, groups, items, settings) for k, e in enumerate(up.encoded)]
+    held = P.build_prompts(encoder, variant, validation_groups, items, settings)
 
-    def setup():
-        loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
-        encoder = PromptEncoder(loaded, max_length=settings.max_length)
-        rows = [make_row(up.prefix_ids, e, encoder.answer_ids[YES if k == 0 else NO])
-                for up in P.build_prompts(encoder, variant, groups, items, settings) for k, e in enumerate(up.encoded)]
-        held = P.build_prompts(encoder, variant, validation_groups, items, settings)
+    def validate(model) -> float:
+        return mean_auc(np.concatenate(P.score_prompts(model, held, encoder, settings, loaded)), size)
 
-        def validate(model) -> float:
-            return mean_auc(np.concatenate(P.score_prompts(model, held, encoder, settings, loaded)), size)
+    return loaded, (encoder.yes_id, encoder.no_id), rows, validate
 
-        return loaded, (encoder.yes_id, encoder.no_id), rows, validate
+
+def run(name: str, model_path: str, groups, validation_groups, settings, items, work: Path, full_lr: float,
+        log=print) -> dict:
+    """``sft_learnability.lora_then_full`` on ``groups`` ([yes item, no item] per context), validated on
+    ``validation_groups`` (``prompt_setup``)."""
+    from sft_learnability import lora_then_full
 
     return {"train_targets": len(groups), "validation_sets": len(validation_groups),
-            "validation_candidates_per_set": size,
-            **lora_then_full(setup, settings, work, full_lr, lambda m: log(f"{name}: {m}"))}
+            "validation_candidates_per_set": len(validation_groups[0][1]),
+            **lora_then_full(lambda: prompt_setup(model_path, groups, validation_groups, settings, items),
+                             settings, work, full_lr, lambda m: log(f"{name}: {m}"))}
 
 
 def main() -> None:

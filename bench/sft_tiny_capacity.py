@@ -110,16 +110,11 @@ def main() -> None:
     ap.add_argument("--full-lr", type=float, default=1e-3)
     args = ap.parse_args()
     from sft_learnability import demo_copy
-    from sft_planted_rules import all_training_targets, half_cover_words, planted_groups, title_words, \
-        untouched_samplers
+    from sft_planted_rules import all_training_targets, half_cover_words, planted_groups, prompt_setup, \
+        title_words, untouched_samplers
 
-    from srec.models.runner import LoadedModel, RunnerSettings
     from srec.recommender import pipeline as P
     from srec.recommender.data import load_candidates, load_items, load_user_contexts
-    from srec.recommender.encoding import NO, YES, PromptEncoder
-    from srec.recommender.scoring import mean_auc
-    from srec.recommender.settings import Variant
-    from srec.recommender.training import make_row
 
     started = time.perf_counter()
     con, cfg, settings = demo_copy(args.db, WORK, args.category, 1, variant=VARIANT)
@@ -156,21 +151,6 @@ def main() -> None:
                  for c in load_user_contexts(con, args.category, ["valid"], users)]
         return train, valid, "valid 1+20 candidates of the seeded validation users (mean AUC)"
 
-    variant = Variant.parse(VARIANT)
-
-    def setup(model_path, train, valid):
-        loaded = LoadedModel(RunnerSettings(model=model_path, device="cpu", dtype="float32"))
-        encoder = PromptEncoder(loaded, max_length=settings.max_length)
-        rows = [make_row(up.prefix_ids, e, encoder.answer_ids[YES if k == 0 else NO])
-                for up in P.build_prompts(encoder, variant, train, items, settings) for k, e in enumerate(up.encoded)]
-        held = P.build_prompts(encoder, variant, valid, items, settings)
-        size = len(valid[0][1])
-
-        def validate(model) -> float:
-            return mean_auc(np.concatenate(P.score_prompts(model, held, encoder, settings, loaded)), size)
-
-        return loaded, rows, validate, (encoder.yes_id, encoder.no_id)
-
     say = lambda m: print(m, flush=True)  # noqa: E731
     shipped_settings = replace(settings, epochs=2)
     plan = [  # (label set, training, model, settings)
@@ -188,7 +168,7 @@ def main() -> None:
     runs = []
     for labels, training, model_path, s in plan:
         train, valid, validation = label_sets[labels]
-        loaded, rows, validate, choice_ids = setup(model_path, train, valid)
+        loaded, choice_ids, rows, validate = prompt_setup(model_path, train, valid, s, items)
         t0 = time.perf_counter()
         log = lambda m, t=training, l=labels: say(f"{l} / {t}: {m}")  # noqa: E731
         if training.startswith("full"):
