@@ -18,7 +18,7 @@ same prompts, rows and shared-prefix scorer (style ``text+none``, every training
   seeded validation users), LoRA on the wide model only.
 
 Works on a copy of the demo's database in ``bench/work/`` (run ``scripts/demo.sh`` first). Results:
-``bench/results/sft_tiny_capacity.{json,md}``. About 15 minutes on 2 cores.
+``bench/results/sft_tiny_capacity.{json,md}``. About 13 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -172,17 +172,17 @@ def main() -> None:
         t0 = time.perf_counter()
         log = lambda m, t=training, l=labels: say(f"{l} / {t}: {m}")  # noqa: E731
         if training.startswith("full"):
-            out = full(loaded, rows, validate, s, choice_ids, log, args.full_lr)
+            trained = full(loaded, rows, validate, s, choice_ids, log, args.full_lr)
         elif "embeddings" in training:
-            out = lora_with_embeddings(loaded, rows, validate, s, choice_ids, log)
+            trained = lora_with_embeddings(loaded, rows, validate, s, choice_ids, log)
         else:
-            out = lora_shipped(loaded, rows, validate, s, choice_ids, log, WORK / "lora")
+            trained = lora_shipped(loaded, rows, validate, s, choice_ids, log, WORK / "lora")
         runs.append({"labels": labels, "training": training, "model": Path(model_path).parent.name + "/" +
                      Path(model_path).name, "learning_rate": args.full_lr if training.startswith("full") else
                      s.learning_rate, "epochs": s.epochs, "train_rows": len(rows), "validation_sets": len(valid),
-                     "validation": validation, **out, "seconds": round(time.perf_counter() - t0, 1)})
+                     "validation": validation, **trained, "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "history"}
-                         | {"valid_auc": [h["valid_auc"] for h in out["history"]]}), flush=True)
+                         | {"valid_auc": [h["valid_auc"] for h in trained["history"]]}), flush=True)
 
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python bench/sft_tiny_capacity.py " + " ".join(sys.argv[1:]),
