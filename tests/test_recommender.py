@@ -186,6 +186,131 @@ def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forwa
     assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
 
 
+# The Qwen2-VL chat template's shape (ChatML turns; an image part is <|vision_start|><|image_pad|><|vision_end|>).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tiny_qwen_vl(captioner, family: str):
+    """A tiny random Qwen2-VL / Qwen2.5-VL with its real processor class, on the tiny LLaVA's tokenizer plus Qwen's
+    special tokens. Built in memory: the processor's video half needs torchvision, which has no CPU wheel beside the
+    pinned torch, and ``save_pretrained`` / ``AutoProcessor`` insist on it; images never touch it."""
+    from types import SimpleNamespace
+
+    import transformers
+    from transformers import AutoProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    tok = AutoProcessor.from_pretrained(captioner).tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                                          "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]},
+                           replace_extra_special_tokens=False)
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(f"<|{t}|>") for t in ("image_pad", "video_pad", "vision_start", "vision_end")}
+    text = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    common = {"patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+    if family == "qwen2_vl":
+        config_cls, model_cls, processor_cls = (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration,
+                                                transformers.Qwen2VLProcessor)
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, **common}
+    else:
+        config_cls, model_cls, processor_cls = (transformers.Qwen2_5_VLConfig,
+                                                transformers.Qwen2_5_VLForConditionalGeneration,
+                                                transformers.Qwen2_5_VLProcessor)
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                  "window_size": 32, "fullatt_block_indexes": [1], **common}
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["image_pad"],
+                        video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
+                        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
+    image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else check(self, name, arg)
+    try:
+        processor = processor_cls(image_processor=image_processor(min_pixels=16 * 16, max_pixels=128 * 128, patch_size=8,
+                                                                  merge_size=2, temporal_patch_size=2),
+                                  tokenizer=tok, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+    tok.padding_side = "left"
+    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forward(tiny_models, tmp_path,
+                                                                                   monkeypatch, family):
+    """Qwen2-VL image tokens take (time, height, width) rotary positions and the text after an image resumes at
+    its largest position + 1: a suffix scored on a cached prefix must get the positions it has in the whole
+    prompt, which the model computes itself in the naive forward. Images of three shapes give three grids."""
+    import srec.recommender.encoding as encoding
+
+    qwen = _tiny_qwen_vl(tiny_models["captioner"], family)
+    assert qwen.model.config.model_type == family
+    shapes = [(192, 80), (80, 192), (120, 120)]  # up to 16 x 16 patches, 64 tokens an image
+    paths = []
+    for i, size in enumerate(shapes):
+        paths.append(str(tmp_path / f"shape{i}.png"))
+        Image.new("RGB", size, (60 * i, 120, 200 - 50 * i)).save(paths[-1])
+    enc = PromptEncoder(qwen, max_length=2048)
+    enc.check_image_support()
+    items = [ItemView(f"Title: {t}", paths[i % 3]) for i, t in enumerate(TITLES)] + [ItemView("Title: plain", None)]
+    fitted, encoded = _encode(enc, _user(5), items)
+    grids = {tuple(e.vision["image_grid_thw"][0].tolist()) for e in encoded if e.vision}
+    assert len(grids) == 3 and all(set(e.vision) == {"pixel_values", "image_grid_thw"} for e in encoded if e.vision)
+    # The token types the scorer rebuilds from the ids are the processor's own.
+    suffix = enc.render(_user(5), items[0])[1]
+    out = qwen.processor(text=[suffix], images=[Image.open(paths[0]).convert("RGB")], add_special_tokens=False,
+                         return_tensors="pt")
+    assert torch.equal(encoding.image_token_types(qwen.model, out["input_ids"]), out["mm_token_type_ids"].int())
+    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": qwen.device, "dtype": qwen.dtype}
+    pad = qwen.tokenizer.pad_token_id
+    naive = score_naive(qwen.model, fitted.ids, encoded, **kw)
+    assert np.ptp(naive) > 1e-6
+    for batch_size in (len(encoded), 3):  # one batch mixing grids and a text row; several batches
+        shared = score_shared_prefix(qwen.model, fitted.ids, encoded, pad_id=pad, batch_size=batch_size, **kw)
+        np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
+    # Training batches the same way: each row's answer loss in a mixed batch is its loss alone.
+    rows = [make_row(fitted.ids, e, enc.answer_ids[YES]) for e in encoded]
+    together = answer_loss(qwen.model, rows, pad, qwen.device, qwen.dtype)
+    alone = [answer_loss(qwen.model, [r], pad, qwen.device, qwen.dtype) for r in rows]
+    assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
+    # The check is not vacuous: with the 1-D positions a LLaVA gets, the image rows miss the tolerance above
+    # (seen: by up to 2.9e-3 on Qwen2-VL and 5.1e-4 on Qwen2.5-VL; the right positions agree to 1.2e-7).
+    monkeypatch.setattr(encoding, "mrope_index", lambda model: None)
+    flat = score_shared_prefix(qwen.model, fitted.ids, encoded, pad_id=pad, batch_size=len(encoded), **kw)
+    assert np.abs(flat - naive)[:-1].max() > 2e-4 and abs(flat[-1] - naive[-1]) < 1e-4  # the text row agrees
+    monkeypatch.undo()
+    # Under a PEFT adapter (as trained and scored): LoRA leaves the vision tower and its merger alone, and the
+    # positions still come from the wrapped model's own rope index.
+    from peft import LoraConfig, get_peft_model
+
+    names = lora_target_modules(qwen.model)
+    assert names and not any(".visual." in n or "merger" in n or "lm_head" in n for n in names)
+    peft = get_peft_model(qwen.model, LoraConfig(r=4, lora_alpha=8, target_modules=names))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    peft.eval()
+    adapted = score_naive(peft, fitted.ids, encoded, **kw)
+    assert np.abs(adapted - naive).max() > 1e-3
+    np.testing.assert_allclose(score_shared_prefix(peft, fitted.ids, encoded, pad_id=pad, batch_size=3, **kw), adapted,
+                               atol=1e-4, rtol=0)
+
+
 def test_vision_batch_pads_patches_and_refuses_mixed_inputs():
     from srec.recommender.encoding import vision_batch
 
@@ -222,6 +347,13 @@ def test_a_processor_with_unsupported_image_inputs_is_a_clear_error(tiny_models,
     with pytest.raises(PromptError, match="Idefics3"):
         enc.encode_item(suffix, images[0])
     enc.encode_item(enc.render(_user(), ItemView("Title: x", None))[1], None)  # text items still encode
+    # A 3-D-position family srec has not checked against a full forward is refused; Qwen2-VL's inputs pass.
+    from srec.recommender.encoding import check_vision_inputs
+
+    qwen_keys = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"]
+    with pytest.raises(PromptError, match=r"Glm4vProcessor returns \['image_grid_thw', 'mm_token_type_ids'\].*not verified"):
+        check_vision_inputs(qwen_keys, "Glm4vProcessor", "glm4v")
+    check_vision_inputs(qwen_keys, "Qwen2VLProcessor", "qwen2_vl")
 
 
 def test_suffixes_showing_one_image_share_its_pixels(llava, images):
@@ -244,7 +376,7 @@ def test_loss_covers_only_the_answer_tokens(llava, images):
         assert kept == r.ids[-r.answer_len:] and len(kept) == r.answer_len  # the answer, nothing before it
     # The loss equals cross-entropy over exactly those tokens of a full forward's logits.
     loss = answer_loss(llava.model, rows, llava.tokenizer.pad_token_id, llava.device, llava.dtype)
-    inputs = batch_inputs(rows, llava.tokenizer.pad_token_id, llava.device, llava.dtype)
+    inputs = batch_inputs(llava.model, rows, llava.tokenizer.pad_token_id, llava.device, llava.dtype)
     with torch.no_grad():
         logits = llava.model(**inputs).logits
     targets = inputs["input_ids"].clone()

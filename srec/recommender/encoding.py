@@ -56,34 +56,91 @@ class EncodedItem:
 
 
 # Processor outputs for an image that the recommender batches and passes on: LLaVA-1.5 style models take
-# ``pixel_values`` [1, C, H, W]; LLaVA-NeXT style ones [1, patches, C, H, W] plus ``image_sizes`` [1, 2].
-VISION_INPUTS = ("pixel_values", "image_sizes")
+# ``pixel_values`` [1, C, H, W]; LLaVA-NeXT style ones [1, patches, C, H, W] plus ``image_sizes`` [1, 2];
+# Qwen2-VL style ones flattened patches [n, D] plus ``image_grid_thw`` [1, 3].
+VISION_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
 TEXT_INPUTS = ("input_ids", "attention_mask")
+# Model types whose image tokens take 3-D rotary positions (time, height, width) from the model's own
+# ``get_rope_index``, which ``position_ids`` applies to suffixes scored on a cached prefix. Only families tested
+# against a full forward (tests/test_recommender.py) are listed: another rope-index family might place or count
+# its image positions differently, and a wrong position is a silently wrong score, not an error.
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# What a Qwen2-VL style processor adds beside the image: the token types, which ``position_ids`` rebuilds from the
+# model's image token id (the ids are all the rows carry).
+MROPE_INPUTS = ("image_grid_thw", "mm_token_type_ids")
 # What other families' processors add, and why batching alone would not make them right.
 UNSUPPORTED_VISION_INPUTS = {
-    "image_grid_thw": "Qwen2-VL / Qwen2.5-VL: image tokens take 3-D rotary positions, which the shared-prefix "
-                      "scorer's 1-D position ids would silently replace",
+    "image_grid_thw": f"3-D rotary positions of a model family srec has not verified (it handles "
+                      f"{', '.join(MROPE_MODEL_TYPES)})",
     "video_grid_thw": "Qwen2-VL family video inputs",
     "pixel_attention_mask": "Idefics3 / SmolVLM: per-image patch masks over a variable number of image splits",
     "token_type_ids": "Gemma 3 / PaliGemma: image tokens attend bidirectionally, selected by token type",
-    "mm_token_type_ids": "models that mark image tokens by type for bidirectional attention",
+    "mm_token_type_ids": "models that mark image tokens by type for bidirectional attention or their own positions",
     "aspect_ratio_ids": "Mllama (Llama 3.2 Vision): images enter through cross-attention layers",
     "aspect_ratio_mask": "Mllama (Llama 3.2 Vision)",
     "cross_attention_mask": "Mllama (Llama 3.2 Vision)",
 }
 
 
-def check_vision_inputs(keys, processor_name: str) -> None:
+def check_vision_inputs(keys, processor_name: str, model_type: str | None = None) -> None:
     """Raise a ``PromptError`` naming the model family when a processor's image outputs are not ones the
     recommender's scorer and trainer handle (they would fail deep in a forward pass, or score wrongly)."""
-    extra = sorted(set(keys) - set(VISION_INPUTS) - set(TEXT_INPUTS))
+    handled = {*VISION_INPUTS, *TEXT_INPUTS} - set(MROPE_INPUTS)
+    if model_type in MROPE_MODEL_TYPES:
+        handled |= set(MROPE_INPUTS)
+    extra = sorted(set(keys) - handled)
     if not extra:
         return
     why = "; ".join(f"{k}: {UNSUPPORTED_VISION_INPUTS.get(k, 'not a known input')}" for k in extra)
     raise PromptError(
-        f"{processor_name} returns {extra} with an image; srec's recommender passes images to LLaVA-1.5 and "
-        f"LLaVA-NeXT style models ({', '.join(VISION_INPUTS)}) only ({why}). Use a 'text' modality variant with this "
-        "model, or a LLaVA-style model for the image and fused variants")
+        f"{processor_name} returns {extra} with an image; srec's recommender passes images to LLaVA-1.5, "
+        f"LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL style models only ({why}; this model's type: {model_type!r}). "
+        "Use a 'text' modality variant with this model, or one of those for the image and fused variants")
+
+
+def base_model(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def mrope_index(model):
+    """The model's own 3-D rotary index function (``get_rope_index``) for ``MROPE_MODEL_TYPES``; None for a model
+    whose positions are 1-D."""
+    base = base_model(model)
+    if getattr(base.config, "model_type", None) not in MROPE_MODEL_TYPES:
+        return None
+    return base.model.get_rope_index
+
+
+def image_token_types(model, ids):
+    """What the Qwen2-VL processor returns as ``mm_token_type_ids``: 1 at the model's image tokens, 0 elsewhere."""
+    return (ids == base_model(model).config.image_token_id).int()
+
+
+def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | None], mask, offset: int = 0):
+    """Rotary position ids of left-padded ``rows`` (``mask`` from ``pad_batch``) whose first real token sits at
+    ``offset``: 0 for whole prompts, the prefix's length for suffixes run on a cached prefix.
+
+    1-D models: [B, L], counting real tokens. ``MROPE_MODEL_TYPES``: [3, B, L] from the model's ``get_rope_index``;
+    an image's tokens take (time, height, width) positions and the text after it resumes at the image's largest
+    position + 1, so a suffix's positions are not its token count. The prefix is text (positions 0 .. offset-1 on
+    all three axes), so a suffix's positions in the whole prompt are its own, computed alone, plus ``offset``."""
+    import torch  # noqa: PLC0415
+
+    flat = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+    rope_index = mrope_index(model)
+    if rope_index is None:
+        return flat
+    out = flat.unsqueeze(0).repeat(3, 1, 1)
+    width = mask.shape[1]
+    for i, (ids, v) in enumerate(zip(rows, vision)):
+        if v is None:
+            continue  # text only: the same position on all three axes
+        row = torch.tensor([list(ids)], device=mask.device)
+        pos, _ = rope_index(row, mm_token_type_ids=image_token_types(model, row),
+                            image_grid_thw=v["image_grid_thw"].to(mask.device))
+        out[:, i, width - len(ids):] = pos[:, 0] + offset
+    return out
 
 
 @dataclass(frozen=True)
@@ -111,6 +168,7 @@ class PromptEncoder:
         if self.yes_id == self.no_id:
             raise PromptError(f"'Yes.' and 'No.' start with the same token id {self.yes_id}; cannot score")
         self.answer_len = max(len(v) for v in self.answer_ids.values())
+        self.model_type = getattr(getattr(getattr(loaded, "model", None), "config", None), "model_type", None)
 
     # --- rendering --------------------------------------------------------------------------------
 
@@ -192,7 +250,7 @@ class PromptEncoder:
             with Image.open(image_path) as im:
                 image = im.convert("RGB")
             out = self.processor(text=[suffix_text], images=[image], add_special_tokens=False, return_tensors="pt")
-            check_vision_inputs(out.keys(), type(self.processor).__name__)
+            check_vision_inputs(out.keys(), type(self.processor).__name__, self.model_type)
             # Chain-of-thought suffixes differ per (user, candidate): without sharing, each would hold its own
             # copy of the candidate's pixels (MBs per pair at real image sizes).
             vision = self._images.setdefault(image_path, {k: out[k] for k in VISION_INPUTS if k in out})
@@ -210,7 +268,7 @@ class PromptEncoder:
         text = self._render(self._messages("", ItemView("probe", "probe.png"), "probe", None), True)
         out = self.processor(text=[text.replace(SENTINEL, "")], images=[Image.new("RGB", (64, 64))],
                              add_special_tokens=False, return_tensors="pt")
-        check_vision_inputs(out.keys(), type(self.processor).__name__)
+        check_vision_inputs(out.keys(), type(self.processor).__name__, self.model_type)
 
     def fit_prefix(self, user: UserView, suffix_budget: int, *, who: str) -> FittedPrefix:
         """The longest prefix that leaves ``suffix_budget`` tokens for the candidate part and the answer."""

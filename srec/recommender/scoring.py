@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from srec.recommender.encoding import EncodedItem, pad_batch, vision_batch
+from srec.recommender.encoding import (EncodedItem, base_model, image_token_types, mrope_index, pad_batch, position_ids,
+                                      vision_batch)
 
 
 def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
@@ -50,6 +51,14 @@ def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_C
     return batches[::-1]
 
 
+def cache_argument(model) -> str:
+    """The forward's name for a KV cache: ``cache`` since transformers renamed it (5.25 still takes
+    ``past_key_values`` with a warning; 5.40 drops it), ``past_key_values`` before."""
+    import inspect  # noqa: PLC0415
+
+    return "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
+
+
 def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[EncodedItem], *, yes_id: int, no_id: int,
                         pad_id: int, batch_size: int, device, dtype) -> np.ndarray:
     """P(yes)/(P(yes)+P(no)) for every candidate of one user, the prefix encoded once; suffixes batched by
@@ -61,7 +70,8 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
     out = np.empty(len(items), dtype=np.float64)
     with torch.inference_mode():
         pre = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in pre.past_key_values.layers]
+        cache_name = cache_argument(model)
+        kv = [(layer.keys, layer.values) for layer in getattr(pre, cache_name).layers]
         for rows in plan_batches([len(it.ids) for it in items], batch_size):
             batch = [items[i] for i in rows]
             b = len(batch)
@@ -71,8 +81,8 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
             # new tensors, so the prefix tensors are never modified and serve every batch.
             cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
             full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
-            positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
-            res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+            positions = position_ids(model, [it.ids for it in batch], [it.vision for it in batch], mask, offset=p)
+            res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{cache_name: cache},
                         use_cache=True, logits_to_keep=1, **vision_batch([it.vision for it in batch], device, dtype))
             out[rows] = _p_yes(res.logits, yes_id, no_id)
     return out
@@ -87,7 +97,12 @@ def score_naive(model, prefix_ids: Sequence[int], items: Sequence[EncodedItem], 
     with torch.inference_mode():
         for i, it in enumerate(items):
             ids = torch.tensor([list(prefix_ids) + list(it.ids)], device=device)
-            res = model(input_ids=ids, use_cache=False, logits_to_keep=1, **vision_batch([it.vision], device, dtype))
+            vision = vision_batch([it.vision], device, dtype)
+            if vision and mrope_index(model) is not None:
+                # As the processor would pass them: the model then computes its own 3-D positions, the way
+                # ``generate`` does, which is what ``position_ids`` must agree with.
+                vision["mm_token_type_ids"] = image_token_types(model, ids)
+            res = model(input_ids=ids, use_cache=False, logits_to_keep=1, **vision)
             out[i] = _p_yes(res.logits, yes_id, no_id)[0]
     return out
 

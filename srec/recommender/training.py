@@ -12,8 +12,9 @@
 - Resumable: after every epoch one folder, ``work_dir/checkpoint`` (the last adapter, the best adapter so far,
   and the optimizer, scheduler, RNG and progress), is replaced whole by a rename; a rerun with the same run
   key resumes there.
-- Images: the candidate's processor inputs (``EncodedItem.vision``) are batched by ``vision_batch``, so
-  LLaVA-1.5 and LLaVA-NeXT style models train and score alike.
+- Images: the candidate's processor inputs (``EncodedItem.vision``) are batched by ``vision_batch`` and the
+  rotary positions come from ``position_ids``, so LLaVA-1.5, LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL style models
+  train and score alike.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from srec.recommender.encoding import EncodedItem, pad_batch, vision_batch
+from srec.recommender.encoding import EncodedItem, pad_batch, position_ids, vision_batch
 from srec.recommender.settings import RecommenderSettings
 
 # Module-name parts of the parts LoRA never touches: vision encoders and projectors of the common MLLMs
@@ -74,10 +75,10 @@ def answer_labels(rows: Sequence[TrainRow], width: int):
     return labels
 
 
-def batch_inputs(rows: Sequence[TrainRow], pad_id: int, device, dtype) -> dict:
+def batch_inputs(model, rows: Sequence[TrainRow], pad_id: int, device, dtype) -> dict:
     ids, mask = pad_batch([r.ids for r in rows], pad_id, left=True)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
+            "position_ids": position_ids(model, [r.ids for r in rows], [r.vision for r in rows], mask).to(device),
             **vision_batch([r.vision for r in rows], device, dtype)}
 
 
@@ -85,7 +86,7 @@ def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
     """(logits [B, width, vocab], labels [B, width]): the logits that predict each row's last ``width`` tokens
     (``width`` = the longest answer) and their labels, -100 where a shorter answer leaves a position out."""
     width = max(r.answer_len for r in rows)
-    out = model(**batch_inputs(rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
+    out = model(**batch_inputs(model, rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
     logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1: these predict the last `width`
     return logits, answer_labels(rows, width).to(device)
 
