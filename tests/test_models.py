@@ -12,6 +12,7 @@ from srec.models.generation import GenerationRequest
 from srec.models.runner import LoadedModel, ModelLoadError, RunnerSettings, model_fingerprint
 from srec.models.tiny import build_tiny_models
 from srec.paths import SHARED_DATA_DIR
+from tests.tiny_qwen import QWEN_VL_FAMILIES, tiny_qwen_vl
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,34 @@ def test_image_text_runner_batches_like_single_requests(tiny_models, red_image):
     assert "pixel_values" in enc
     assert m.model.config.image_token_id in enc["input_ids"][0].tolist()
     assert "pixel_values" not in m._encode(requests[1:2])
+
+
+@pytest.mark.parametrize("family", QWEN_VL_FAMILIES)
+def test_qwen_vl_captioner_batches_like_single_requests(tiny_models, tmp_path, monkeypatch, family):
+    """The captioner's code path on a Qwen-VL (3-D rotary positions, flattened patches, image_grid_thw): loaded from
+    its folder by the runner, images of different shapes and a text-only prompt batch like single requests."""
+    import transformers
+
+
+    qwen = tiny_qwen_vl(tiny_models["captioner"], family)
+    qwen.model.save_pretrained(tmp_path / family)
+    # Only the processor is handed over: its saved form needs torchvision (see tests/tiny_qwen.py).
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: qwen.processor)
+    m = LoadedModel(RunnerSettings(model=str(tmp_path / family), max_new_tokens=8, max_batch_size=3))
+    assert type(m.model) is type(qwen.model) and m.task == "image-text-to-text"
+    paths = []
+    for i, size in enumerate([(192, 80), (80, 120)]):
+        paths.append(tmp_path / f"item{i}.png")
+        Image.new("RGB", size, (90 * i, 40, 200)).save(paths[-1])
+    requests = [GenerationRequest("Title: red lipstick", paths[0], system="Describe products."),
+                GenerationRequest("Title: a much longer title of a hair dryer with a diffuser", paths[1],
+                                  system="Describe products."),
+                GenerationRequest("Title: nail polish", system="Describe products.")]
+    batched = m.generate(requests)
+    assert batched == [m.generate([r])[0] for r in requests]
+    assert all(1 <= r.generated_tokens <= 8 for r in batched)
+    images = m._encode(requests[:2])
+    assert "image_grid_thw" in images and m.model.config.image_token_id in images["input_ids"][0].tolist()
 
 
 def test_causal_lm_runner(tiny_models, red_image):

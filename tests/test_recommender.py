@@ -11,6 +11,7 @@ from srec.recommender.encoding import NO, YES, ItemView, PromptEncoder, PromptEr
 from srec.recommender.scoring import mean_auc, score_naive, score_shared_prefix
 from srec.recommender.settings import RecommenderSettings, Variant
 from srec.recommender.training import answer_labels, answer_loss, batch_inputs, lora_target_modules, make_row
+from tests.tiny_qwen import QWEN_VL_FAMILIES, tiny_qwen_vl
 
 TITLES = ["Philips Sonicare Brush Heads", "OPI Nail Lacquer, Big Apple Red", "Neutrogena Hydro Boost Gel",
           "Maybelline Great Lash Mascara", "CeraVe Moisturizing Cream", "Revlon Colorstay Foundation"]
@@ -186,70 +187,7 @@ def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forwa
     assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
 
 
-# The Qwen2-VL chat template's shape (ChatML turns; an image part is <|vision_start|><|image_pad|><|vision_end|>).
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def _tiny_qwen_vl(captioner, family: str):
-    """A tiny random Qwen2-VL / Qwen2.5-VL with its real processor class, on the tiny LLaVA's tokenizer plus Qwen's
-    special tokens. Built in memory: the processor's video half needs torchvision, which has no CPU wheel beside the
-    pinned torch, and ``save_pretrained`` / ``AutoProcessor`` insist on it; images never touch it."""
-    from types import SimpleNamespace
-
-    import transformers
-    from transformers import AutoProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    tok = AutoProcessor.from_pretrained(captioner).tokenizer
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                                                          "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]},
-                           replace_extra_special_tokens=False)
-    tok.chat_template = QWEN_CHAT_TEMPLATE
-    ids = {t: tok.convert_tokens_to_ids(f"<|{t}|>") for t in ("image_pad", "video_pad", "vision_start", "vision_end")}
-    text = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    common = {"patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
-    if family == "qwen2_vl":
-        config_cls, model_cls, processor_cls = (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration,
-                                                transformers.Qwen2VLProcessor)
-        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, **common}
-    else:
-        config_cls, model_cls, processor_cls = (transformers.Qwen2_5_VLConfig,
-                                                transformers.Qwen2_5_VLForConditionalGeneration,
-                                                transformers.Qwen2_5_VLProcessor)
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                  "window_size": 32, "fullatt_block_indexes": [1], **common}
-    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["image_pad"],
-                        video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
-                        vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
-    image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    check = ProcessorMixin.check_argument_for_proper_class
-    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else check(self, name, arg)
-    try:
-        processor = processor_cls(image_processor=image_processor(min_pixels=16 * 16, max_pixels=128 * 128, patch_size=8,
-                                                                  merge_size=2, temporal_patch_size=2),
-                                  tokenizer=tok, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE)
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = check
-    tok.padding_side = "left"
-    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
-
-
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", QWEN_VL_FAMILIES)
 def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forward(tiny_models, tmp_path,
                                                                                    monkeypatch, family):
     """Qwen2-VL image tokens take (time, height, width) rotary positions and the text after an image resumes at
@@ -257,7 +195,7 @@ def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forwa
     prompt, which the model computes itself in the naive forward. Images of three shapes give three grids."""
     import srec.recommender.encoding as encoding
 
-    qwen = _tiny_qwen_vl(tiny_models["captioner"], family)
+    qwen = tiny_qwen_vl(tiny_models["captioner"], family)
     assert qwen.model.config.model_type == family
     shapes = [(192, 80), (80, 192), (120, 120)]  # up to 16 x 16 patches, 64 tokens an image
     paths = []
@@ -288,7 +226,8 @@ def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forwa
     alone = [answer_loss(qwen.model, [r], pad, qwen.device, qwen.dtype) for r in rows]
     assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
     # The check is not vacuous: with the 1-D positions a LLaVA gets, the image rows miss the tolerance above
-    # (seen: by up to 2.9e-3 on Qwen2-VL and 5.1e-4 on Qwen2.5-VL; the right positions agree to 1.2e-7).
+    # (seen: by up to 2.9e-3 on Qwen2-VL, 5.1e-4 on Qwen2.5-VL and 0.083 on Qwen3-VL; the right positions
+    # agree to 1.2e-7).
     monkeypatch.setattr(encoding, "mrope_index", lambda model: None)
     flat = score_shared_prefix(qwen.model, fitted.ids, encoded, pad_id=pad, batch_size=len(encoded), **kw)
     assert np.abs(flat - naive)[:-1].max() > 2e-4 and abs(flat[-1] - naive[-1]) < 1e-4  # the text row agrees

@@ -64,7 +64,7 @@ TEXT_INPUTS = ("input_ids", "attention_mask")
 # ``get_rope_index``, which ``position_ids`` applies to suffixes scored on a cached prefix. Only families tested
 # against a full forward (tests/test_recommender.py) are listed: another rope-index family might place or count
 # its image positions differently, and a wrong position is a silently wrong score, not an error.
-MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # What a Qwen2-VL style processor adds beside the image: the token types, which ``position_ids`` rebuilds from the
 # model's image token id (the ids are all the rows carry).
 MROPE_INPUTS = ("image_grid_thw", "mm_token_type_ids")
@@ -94,7 +94,8 @@ def check_vision_inputs(keys, processor_name: str, model_type: str | None = None
     why = "; ".join(f"{k}: {UNSUPPORTED_VISION_INPUTS.get(k, 'not a known input')}" for k in extra)
     raise PromptError(
         f"{processor_name} returns {extra} with an image; srec's recommender passes images to LLaVA-1.5, "
-        f"LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL style models only ({why}; this model's type: {model_type!r}). "
+        f"LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL / Qwen3-VL style models only ({why}; this model's type: "
+        f"{model_type!r}). "
         "Use a 'text' modality variant with this model, or one of those for the image and fused variants")
 
 
