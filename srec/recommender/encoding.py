@@ -132,16 +132,18 @@ def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | N
     rope_index = mrope_index(model)
     if rope_index is None:
         return flat
-    out = flat.unsqueeze(0).repeat(3, 1, 1)
+    # On the CPU, where the ids already are: the index is a Python loop over token groups, and on a GPU each
+    # row's small ops and syncs would cost more than the arithmetic.
+    out = flat.cpu().unsqueeze(0).repeat(3, 1, 1)
     width = mask.shape[1]
     for i, (ids, v) in enumerate(zip(rows, vision)):
         if v is None:
             continue  # text only: the same position on all three axes
-        row = torch.tensor([list(ids)], device=mask.device)
+        row = torch.tensor([list(ids)])
         pos, _ = rope_index(row, mm_token_type_ids=image_token_types(model, row),
-                            image_grid_thw=v["image_grid_thw"].to(mask.device))
+                            image_grid_thw=v["image_grid_thw"].cpu())
         out[:, i, width - len(ids):] = pos[:, 0] + offset
-    return out
+    return out.to(mask.device)
 
 
 @dataclass(frozen=True)
