@@ -133,6 +133,25 @@ def test_shared_prefix_scores_equal_a_full_forward_per_candidate(llava, images):
     assert np.ptp(naive) > 1e-6  # candidates really differ, so agreement is not trivial
 
 
+def _items_showing_shapes(tmp_path, shapes) -> list[ItemView]:
+    """Candidates showing images of the given sizes in turn (different grids or patch counts), then a text-only one."""
+    paths = []
+    for i, size in enumerate(shapes):
+        paths.append(str(tmp_path / f"shape{i}.png"))
+        Image.new("RGB", size, (60 * i, 120, 200 - 50 * i)).save(paths[-1])
+    shown = [ItemView(f"Title: {t}", paths[i % len(paths)]) for i, t in enumerate(TITLES)]
+    return [*shown, ItemView("Title: plain", None)]
+
+
+def _assert_a_mixed_batch_trains_like_its_rows_alone(loaded, enc, fitted, encoded) -> None:
+    """Training batches images like scoring: each row's answer loss in a mixed batch is its loss alone."""
+    rows = [make_row(fitted.ids, e, enc.answer_ids[YES]) for e in encoded]
+    pad = loaded.tokenizer.pad_token_id
+    together = answer_loss(loaded.model, rows, pad, loaded.device, loaded.dtype)
+    alone = [answer_loss(loaded.model, [r], pad, loaded.device, loaded.dtype) for r in rows]
+    assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
+
+
 def _tiny_llava_next(captioner, out):
     """A LLaVA-NeXT built from the tiny LLaVA's parts (same tokenizer, chat template, vision and text configs):
     anyres images of different aspect ratios get different numbers of patches, and ``image_sizes``."""
@@ -161,14 +180,9 @@ def _tiny_llava_next(captioner, out):
 def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forward(tiny_models, tmp_path):
     next_model = _tiny_llava_next(tiny_models["captioner"], tmp_path / "tiny-llava-next")
     assert type(next_model.model).__name__ == "LlavaNextForConditionalGeneration"
-    shapes = [(96, 40), (40, 96), (60, 60)]  # wide, tall, square: 3 different anyres grids
-    paths = []
-    for i, size in enumerate(shapes):
-        paths.append(str(tmp_path / f"shape{i}.png"))
-        Image.new("RGB", size, (60 * i, 120, 200 - 50 * i)).save(paths[-1])
+    items = _items_showing_shapes(tmp_path, [(96, 40), (40, 96), (60, 60)])  # 3 different anyres grids
     enc = PromptEncoder(next_model, max_length=2048)
     enc.check_image_support()
-    items = [ItemView(f"Title: {t}", paths[i % 3]) for i, t in enumerate(TITLES)] + [ItemView("Title: plain", None)]
     fitted, encoded = _encode(enc, _user(5), items)
     patches = {e.vision["pixel_values"].shape[1] for e in encoded if e.vision}
     assert len(patches) > 1 and all("image_sizes" in e.vision for e in encoded if e.vision)
@@ -179,12 +193,7 @@ def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forwa
     naive = score_naive(next_model.model, fitted.ids, encoded, **kw)
     np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
     assert np.ptp(naive) > 1e-6
-    # Training batches the same way: each row's answer loss in a mixed batch is its loss alone.
-    rows = [make_row(fitted.ids, e, enc.answer_ids[YES]) for e in encoded]
-    pad = next_model.tokenizer.pad_token_id
-    together = answer_loss(next_model.model, rows, pad, next_model.device, next_model.dtype)
-    alone = [answer_loss(next_model.model, [r], pad, next_model.device, next_model.dtype) for r in rows]
-    assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
+    _assert_a_mixed_batch_trains_like_its_rows_alone(next_model, enc, fitted, encoded)
 
 
 @pytest.mark.parametrize("family", QWEN_VL_FAMILIES)
@@ -197,21 +206,16 @@ def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forwa
 
     qwen = tiny_qwen_vl(tiny_models["captioner"], family)
     assert qwen.model.config.model_type == family
-    shapes = [(192, 80), (80, 192), (120, 120)]  # up to 16 x 16 patches, 64 tokens an image
-    paths = []
-    for i, size in enumerate(shapes):
-        paths.append(str(tmp_path / f"shape{i}.png"))
-        Image.new("RGB", size, (60 * i, 120, 200 - 50 * i)).save(paths[-1])
+    items = _items_showing_shapes(tmp_path, [(192, 80), (80, 192), (120, 120)])  # up to 16 x 16 patches
     enc = PromptEncoder(qwen, max_length=2048)
     enc.check_image_support()
-    items = [ItemView(f"Title: {t}", paths[i % 3]) for i, t in enumerate(TITLES)] + [ItemView("Title: plain", None)]
     fitted, encoded = _encode(enc, _user(5), items)
     grids = {tuple(e.vision["image_grid_thw"][0].tolist()) for e in encoded if e.vision}
     assert len(grids) == 3 and all(set(e.vision) == {"pixel_values", "image_grid_thw"} for e in encoded if e.vision)
     # The token types the scorer rebuilds from the ids are the processor's own.
     suffix = enc.render(_user(5), items[0])[1]
-    out = qwen.processor(text=[suffix], images=[Image.open(paths[0]).convert("RGB")], add_special_tokens=False,
-                         return_tensors="pt")
+    with Image.open(items[0].image_path) as im:
+        out = qwen.processor(text=[suffix], images=[im.convert("RGB")], add_special_tokens=False, return_tensors="pt")
     assert torch.equal(encoding.image_token_types(qwen.model, out["input_ids"]), out["mm_token_type_ids"].int())
     kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": qwen.device, "dtype": qwen.dtype}
     pad = qwen.tokenizer.pad_token_id
@@ -220,11 +224,7 @@ def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forwa
     for batch_size in (len(encoded), 3):  # one batch mixing grids and a text row; several batches
         shared = score_shared_prefix(qwen.model, fitted.ids, encoded, pad_id=pad, batch_size=batch_size, **kw)
         np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
-    # Training batches the same way: each row's answer loss in a mixed batch is its loss alone.
-    rows = [make_row(fitted.ids, e, enc.answer_ids[YES]) for e in encoded]
-    together = answer_loss(qwen.model, rows, pad, qwen.device, qwen.dtype)
-    alone = [answer_loss(qwen.model, [r], pad, qwen.device, qwen.dtype) for r in rows]
-    assert together.item() == pytest.approx(float(np.mean([a.item() for a in alone])), abs=1e-4)
+    _assert_a_mixed_batch_trains_like_its_rows_alone(qwen, enc, fitted, encoded)
     # The check is not vacuous: with the 1-D positions a LLaVA gets, the image rows miss the tolerance above
     # (seen: by up to 2.9e-3 on Qwen2-VL, 5.1e-4 on Qwen2.5-VL and 0.083 on Qwen3-VL; the right positions
     # agree to 1.2e-7).

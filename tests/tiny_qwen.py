@@ -35,23 +35,21 @@ def tiny_qwen_vl(captioner, family: str):
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    common = {"patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
-    if family == "qwen2_vl":
-        config_cls, model_cls, processor_cls = (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration,
-                                                transformers.Qwen2VLProcessor)
-        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, **common}
-    elif family == "qwen3_vl":
-        config_cls, model_cls, processor_cls = (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration,
-                                                transformers.Qwen3VLProcessor)
-        text["head_dim"] = 16
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                  "num_position_embeddings": 64, "deepstack_visual_indexes": [0], **common}
-    else:
-        config_cls, model_cls, processor_cls = (transformers.Qwen2_5_VLConfig,
-                                                transformers.Qwen2_5_VLForConditionalGeneration,
-                                                transformers.Qwen2_5_VLProcessor)
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
-                  "window_size": 32, "fullatt_block_indexes": [1], **common}
+    # Class-name prefix and vision tower per family; every tower patches by 8 and merges 2 x 2 patches a token.
+    families = {
+        "qwen2_vl": ("Qwen2VL", {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}),
+        "qwen2_5_vl": ("Qwen2_5_VL", {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64,
+                                      "window_size": 32, "fullatt_block_indexes": [1]}),
+        "qwen3_vl": ("Qwen3VL", {"hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64,
+                                 "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}),
+    }
+    prefix, vision = families[family]
+    vision = {**vision, "depth": 2, "num_heads": 2, "patch_size": 8, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "in_channels": 3}
+    if family == "qwen3_vl":
+        text["head_dim"] = 16  # its default is 128, not hidden / heads
+    config_cls, processor_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}Processor")
+    model_cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
     config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["image_pad"],
                         video_token_id=ids["video_pad"], vision_start_token_id=ids["vision_start"],
                         vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
@@ -61,11 +59,13 @@ def tiny_qwen_vl(captioner, family: str):
         model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
     image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     check = ProcessorMixin.check_argument_for_proper_class
-    ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None if arg is None else check(self, name, arg)
+    ProcessorMixin.check_argument_for_proper_class = (
+        lambda self, name, arg: None if arg is None else check(self, name, arg))
     try:
-        processor = processor_cls(image_processor=image_processor(min_pixels=16 * 16, max_pixels=128 * 128, patch_size=8,
-                                                                  merge_size=2, temporal_patch_size=2),
-                                  tokenizer=tok, video_processor=None, chat_template=QWEN_CHAT_TEMPLATE)
+        images = image_processor(min_pixels=16 * 16, max_pixels=128 * 128, patch_size=8, merge_size=2,
+                                 temporal_patch_size=2)
+        processor = processor_cls(image_processor=images, tokenizer=tok, video_processor=None,
+                                  chat_template=QWEN_CHAT_TEMPLATE)
     finally:
         ProcessorMixin.check_argument_for_proper_class = check
     tok.padding_side = "left"
