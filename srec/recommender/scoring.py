@@ -71,7 +71,9 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
     with torch.inference_mode():
         pre = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1)
         cache_name = cache_argument(model)
-        kv = [(layer.keys, layer.values) for layer in getattr(pre, cache_name).layers]
+        prefix_cache = getattr(pre, "cache", None)
+        prefix_cache = pre.past_key_values if prefix_cache is None else prefix_cache  # the output's older name
+        kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
         for rows in plan_batches([len(it.ids) for it in items], batch_size):
             batch = [items[i] for i in rows]
             b = len(batch)
