@@ -12,7 +12,7 @@ from srec.models.generation import GenerationRequest
 from srec.models.runner import LoadedModel, ModelLoadError, RunnerSettings, model_fingerprint
 from srec.models.tiny import build_tiny_models
 from srec.paths import SHARED_DATA_DIR
-from tests.tiny_qwen import QWEN_VL_FAMILIES, tiny_qwen_vl
+from tests.tiny_vlms import IDEFICS_FAMILIES, QWEN_VL_FAMILIES, tiny_vlm
 
 
 @pytest.fixture(scope="module")
@@ -75,19 +75,20 @@ def test_image_text_runner_batches_like_single_requests(tiny_models, red_image):
     assert "pixel_values" not in m._encode(requests[1:2])
 
 
-@pytest.mark.parametrize("family", QWEN_VL_FAMILIES)
-def test_qwen_vl_captioner_batches_like_single_requests(tiny_models, tmp_path, monkeypatch, family):
-    """The captioner's code path on a Qwen-VL (3-D rotary positions, flattened patches, image_grid_thw): loaded from
-    its folder by the runner, images of different shapes and a text-only prompt batch like single requests."""
+@pytest.mark.parametrize("family", QWEN_VL_FAMILIES + IDEFICS_FAMILIES)
+def test_other_image_text_families_caption_in_batches_like_single_requests(tiny_models, tmp_path, monkeypatch,
+                                                                           family):
+    """The captioner's code path on Qwen-VL (3-D rotary positions, flattened patches, image_grid_thw) and Idefics3 /
+    SmolVLM (image tiles, pixel_attention_mask): loaded from its folder by the runner, images of different shapes
+    and a text-only prompt batch like single requests."""
     import transformers
 
-
-    qwen = tiny_qwen_vl(tiny_models["captioner"], family)
-    qwen.model.save_pretrained(tmp_path / family)
-    # Only the processor is handed over: its saved form needs torchvision (see tests/tiny_qwen.py).
-    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: qwen.processor)
+    vlm = tiny_vlm(tiny_models["captioner"], family)
+    vlm.model.save_pretrained(tmp_path / family)
+    # Only the processor is handed over: the saved forms of several need torchvision (see tests/tiny_vlms.py).
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda *a, **k: vlm.processor)
     m = LoadedModel(RunnerSettings(model=str(tmp_path / family), max_new_tokens=8, max_batch_size=3))
-    assert type(m.model) is type(qwen.model) and m.task == "image-text-to-text"
+    assert type(m.model) is type(vlm.model) and m.task == "image-text-to-text"
     paths = []
     for i, size in enumerate([(192, 80), (80, 120)]):
         paths.append(tmp_path / f"item{i}.png")
@@ -100,7 +101,8 @@ def test_qwen_vl_captioner_batches_like_single_requests(tiny_models, tmp_path, m
     assert batched == [m.generate([r])[0] for r in requests]
     assert all(1 <= r.generated_tokens <= 8 for r in batched)
     images = m._encode(requests[:2])
-    assert "image_grid_thw" in images and m.model.config.image_token_id in images["input_ids"][0].tolist()
+    assert m.model.config.image_token_id in images["input_ids"][0].tolist()
+    assert ("image_grid_thw" if family in QWEN_VL_FAMILIES else "pixel_attention_mask") in images
 
 
 def test_causal_lm_runner(tiny_models, red_image):

@@ -11,7 +11,7 @@ from srec.recommender.encoding import NO, YES, ItemView, PromptEncoder, PromptEr
 from srec.recommender.scoring import mean_auc, score_naive, score_shared_prefix
 from srec.recommender.settings import RecommenderSettings, Variant
 from srec.recommender.training import answer_labels, answer_loss, batch_inputs, lora_target_modules, make_row
-from tests.tiny_qwen import QWEN_VL_FAMILIES, tiny_qwen_vl
+from tests.tiny_vlms import IDEFICS_FAMILIES, QWEN_VL_FAMILIES, tiny_idefics, tiny_qwen_vl
 
 TITLES = ["Philips Sonicare Brush Heads", "OPI Nail Lacquer, Big Apple Red", "Neutrogena Hydro Boost Gel",
           "Maybelline Great Lash Mascara", "CeraVe Moisturizing Cream", "Revlon Colorstay Foundation"]
@@ -196,6 +196,30 @@ def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forwa
     _assert_a_mixed_batch_trains_like_its_rows_alone(next_model, enc, fitted, encoded)
 
 
+@pytest.mark.parametrize("family", IDEFICS_FAMILIES)
+def test_idefics_tiles_of_different_counts_batch_and_score_like_a_full_forward(tiny_models, tmp_path, family):
+    """Idefics3 / SmolVLM split an image into a varying number of tiles with a pixel_attention_mask; a batch pads
+    both with zero tiles, which the model skips as its own processor's padding. Scores equal a forward each."""
+    model = tiny_idefics(tiny_models["captioner"], family)
+    assert model.model.config.model_type == family
+    items = _items_showing_shapes(tmp_path, [(192, 80), (80, 192), (40, 30)])
+    enc = PromptEncoder(model, max_length=4096)
+    enc.check_image_support()
+    fitted, encoded = _encode(enc, _user(5), items)
+    tiles = {e.vision["pixel_values"].shape[1] for e in encoded if e.vision}
+    assert len(tiles) > 1 and all(set(e.vision) == {"pixel_values", "pixel_attention_mask"} for e in encoded if e.vision)
+    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": model.device, "dtype": model.dtype}
+    naive = score_naive(model.model, fitted.ids, encoded, **kw)
+    assert np.ptp(naive) > 1e-6
+    for batch_size in (len(encoded), 3):
+        shared = score_shared_prefix(model.model, fitted.ids, encoded, pad_id=model.tokenizer.pad_token_id,
+                                     batch_size=batch_size, **kw)
+        np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
+    _assert_a_mixed_batch_trains_like_its_rows_alone(model, enc, fitted, encoded)
+    names = lora_target_modules(model.model)
+    assert names and all(".text_model." in n for n in names)  # not the vision model or the connector
+
+
 @pytest.mark.parametrize("family", QWEN_VL_FAMILIES)
 def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forward(tiny_models, tmp_path,
                                                                                    monkeypatch, family):
@@ -265,8 +289,9 @@ def test_vision_batch_pads_patches_and_refuses_mixed_inputs():
 
 
 def test_a_processor_with_unsupported_image_inputs_is_a_clear_error(tiny_models, images):
-    """Idefics3 / SmolVLM add a pixel_attention_mask the scorer does not batch: a named error, before any
-    generation, not a failure deep in a forward pass."""
+    """Image inputs srec has not checked for the model's family (here an Idefics3 processor's pixel_attention_mask
+    beside a model of no known type) are a named error, before any generation, not a failure deep in a forward
+    pass or a wrong score."""
     from types import SimpleNamespace
 
     import transformers
@@ -290,7 +315,7 @@ def test_a_processor_with_unsupported_image_inputs_is_a_clear_error(tiny_models,
     from srec.recommender.encoding import check_vision_inputs
 
     qwen_keys = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"]
-    with pytest.raises(PromptError, match=r"Glm4vProcessor returns \['image_grid_thw', 'mm_token_type_ids'\].*not verified"):
+    with pytest.raises(PromptError, match=r"Glm4vProcessor returns \['image_grid_thw', 'mm_token_type_ids'\].*not checked"):
         check_vision_inputs(qwen_keys, "Glm4vProcessor", "glm4v")
     check_vision_inputs(qwen_keys, "Qwen2VLProcessor", "qwen2_vl")
 

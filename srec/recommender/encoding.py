@@ -57,23 +57,24 @@ class EncodedItem:
 
 # Processor outputs for an image that the recommender batches and passes on: LLaVA-1.5 style models take
 # ``pixel_values`` [1, C, H, W]; LLaVA-NeXT style ones [1, patches, C, H, W] plus ``image_sizes`` [1, 2];
-# Qwen2-VL style ones flattened patches [n, D] plus ``image_grid_thw`` [1, 3].
-VISION_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
+# Qwen2-VL style ones flattened patches [n, D] plus ``image_grid_thw`` [1, 3]; Idefics3 / SmolVLM style ones
+# [1, tiles, C, H, W] plus ``pixel_attention_mask`` [1, tiles, H, W] (zero-padded tiles are what the model skips).
+VISION_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
 TEXT_INPUTS = ("input_ids", "attention_mask")
 # Model types whose image tokens take 3-D rotary positions (time, height, width) from the model's own
-# ``get_rope_index``, which ``position_ids`` applies to suffixes scored on a cached prefix. Only families tested
-# against a full forward (tests/test_recommender.py) are listed: another rope-index family might place or count
-# its image positions differently, and a wrong position is a silently wrong score, not an error.
+# ``get_rope_index``, which ``position_ids`` applies to suffixes scored on a cached prefix.
 MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# What a Qwen2-VL style processor adds beside the image: the token types, which ``position_ids`` rebuilds from the
-# model's image token id (the ids are all the rows carry).
-MROPE_INPUTS = ("image_grid_thw", "mm_token_type_ids")
+# Inputs beyond ``pixel_values`` / ``image_sizes`` that srec passes on, by the model types it has checked them on
+# against a full forward per candidate (tests/test_recommender.py). Another family might place, count or mask its
+# image tokens differently, and that would be a silently wrong score, not an error. ``mm_token_type_ids`` is not
+# kept: ``position_ids`` rebuilds it from the model's image token id (the ids are all the rows carry).
+FAMILY_INPUTS = {**{t: ("image_grid_thw", "mm_token_type_ids") for t in MROPE_MODEL_TYPES},
+                 "idefics3": ("pixel_attention_mask",), "smolvlm": ("pixel_attention_mask",)}
 # What other families' processors add, and why batching alone would not make them right.
 UNSUPPORTED_VISION_INPUTS = {
-    "image_grid_thw": f"3-D rotary positions of a model family srec has not verified (it handles "
-                      f"{', '.join(MROPE_MODEL_TYPES)})",
+    "image_grid_thw": "3-D rotary positions of a model family srec has not checked",
     "video_grid_thw": "Qwen2-VL family video inputs",
-    "pixel_attention_mask": "Idefics3 / SmolVLM: per-image patch masks over a variable number of image splits",
+    "pixel_attention_mask": "image tiles masked by a model family srec has not checked",
     "token_type_ids": "Gemma 3 / PaliGemma: image tokens attend bidirectionally, selected by token type",
     "mm_token_type_ids": "models that mark image tokens by type for bidirectional attention or their own positions",
     "aspect_ratio_ids": "Mllama (Llama 3.2 Vision): images enter through cross-attention layers",
@@ -84,18 +85,16 @@ UNSUPPORTED_VISION_INPUTS = {
 
 def check_vision_inputs(keys, processor_name: str, model_type: str | None = None) -> None:
     """Raise a ``PromptError`` naming the model family when a processor's image outputs are not ones the
-    recommender's scorer and trainer handle (they would fail deep in a forward pass, or score wrongly)."""
-    handled = {*VISION_INPUTS, *TEXT_INPUTS} - set(MROPE_INPUTS)
-    if model_type in MROPE_MODEL_TYPES:
-        handled |= set(MROPE_INPUTS)
+    recommender's scorer and trainer handle for this model type (they would fail deep in a forward pass, or
+    score wrongly)."""
+    handled = {"pixel_values", "image_sizes", *TEXT_INPUTS, *FAMILY_INPUTS.get(model_type, ())}
     extra = sorted(set(keys) - handled)
     if not extra:
         return
     why = "; ".join(f"{k}: {UNSUPPORTED_VISION_INPUTS.get(k, 'not a known input')}" for k in extra)
     raise PromptError(
-        f"{processor_name} returns {extra} with an image; srec's recommender passes images to LLaVA-1.5, "
-        f"LLaVA-NeXT and Qwen2-VL / Qwen2.5-VL / Qwen3-VL style models only ({why}; this model's type: "
-        f"{model_type!r}). "
+        f"{processor_name} returns {extra} with an image for a {model_type!r} model; srec's recommender passes "
+        f"images to LLaVA-1.5 and LLaVA-NeXT style models and to {', '.join(FAMILY_INPUTS)} only ({why}). "
         "Use a 'text' modality variant with this model, or one of those for the image and fused variants")
 
 

@@ -13,8 +13,8 @@
   and the optimizer, scheduler, RNG and progress), is replaced whole by a rename; a rerun with the same run
   key resumes there.
 - Images: the candidate's processor inputs (``EncodedItem.vision``) are batched by ``vision_batch`` and the
-  rotary positions come from ``position_ids``, so LLaVA-1.5, LLaVA-NeXT and Qwen2-VL / 2.5-VL / 3-VL style models
-  train and score alike.
+  rotary positions come from ``position_ids``, so LLaVA-1.5, LLaVA-NeXT, Qwen2-VL / 2.5-VL / 3-VL and Idefics3 /
+  SmolVLM style models train and score alike.
 """
 from __future__ import annotations
 

@@ -1,7 +1,11 @@
-"""A tiny random Qwen-VL (2, 2.5 or 3) for the tests: the real model and processor classes, built in memory."""
+"""Tiny random image-text models of other families than the shipped LLaVA, for the tests: Qwen-VL (2, 2.5, 3) and
+Idefics3 / SmolVLM, each with its real model and processor classes, built in memory on the tiny LLaVA's tokenizer."""
+import inspect
+
 import torch
 
 QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+IDEFICS_FAMILIES = ("idefics3", "smolvlm")
 
 # The Qwen2-VL chat template's shape (ChatML turns; an image part is <|vision_start|><|image_pad|><|vision_end|>).
 QWEN_CHAT_TEMPLATE = (
@@ -23,7 +27,6 @@ def tiny_qwen_vl(captioner, family: str):
 
     import transformers
     from transformers import AutoProcessor
-    from transformers.processing_utils import ProcessorMixin
 
     tok = AutoProcessor.from_pretrained(captioner).tokenizer
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -58,17 +61,71 @@ def tiny_qwen_vl(captioner, family: str):
     with torch.no_grad():
         model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
     image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-    check = ProcessorMixin.check_argument_for_proper_class
-    ProcessorMixin.check_argument_for_proper_class = (
-        lambda self, name, arg: None if arg is None else check(self, name, arg))
-    try:
-        images = image_processor(min_pixels=16 * 16, max_pixels=128 * 128, patch_size=8, merge_size=2,
-                                 temporal_patch_size=2)
-        processor = processor_cls(image_processor=images, tokenizer=tok, video_processor=None,
-                                  chat_template=QWEN_CHAT_TEMPLATE)
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = check
+    images = image_processor(min_pixels=16 * 16, max_pixels=128 * 128, patch_size=8, merge_size=2,
+                             temporal_patch_size=2)
+    processor = _without_video(processor_cls, image_processor=images, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
     tok.padding_side = "left"
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
+
+
+def _without_video(processor_cls, **parts):
+    """The processor with no video half: ``video_processor=None`` passes its class check only when the check is
+    told so (the video processor classes need torchvision; images never use them)."""
+    from transformers.processing_utils import ProcessorMixin
+
+    if "video_processor" not in inspect.signature(processor_cls.__init__).parameters:
+        return processor_cls(**parts)
+    check = ProcessorMixin.check_argument_for_proper_class
+    ProcessorMixin.check_argument_for_proper_class = (
+        lambda self, name, arg: None if arg is None else check(self, name, arg))
+    try:
+        return processor_cls(**parts, video_processor=None)
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = check
+
+
+def tiny_idefics(captioner, family: str):
+    """A tiny random Idefics3 or SmolVLM: a SigLIP-style tower on 32 x 32 tiles of 8 x 8 patches, pixel-shuffled
+    2 x 2 into 4 image tokens a tile, and the tiny LLaVA's Llama text model, tokenizer and chat template. An image
+    becomes a global tile plus, above 32 pixels, a grid of tiles, so items carry different tile counts."""
+    from types import SimpleNamespace
+
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    llava = AutoProcessor.from_pretrained(captioner)
+    tok = llava.tokenizer
+    tok.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<global-img>"]},
+                           replace_extra_special_tokens=False)
+    text = AutoConfig.from_pretrained(captioner).text_config.to_dict()
+    text["vocab_size"] = len(tok)
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[family]
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config=text, scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
+    image_processor = (getattr(transformers, f"{prefix}ImageProcessorPil", None)
+                       or getattr(transformers, f"{prefix}ImageProcessor"))
+    processor = _without_video(getattr(transformers, f"{prefix}Processor"),
+                               image_processor=image_processor(size={"longest_edge": 64},
+                                                               max_image_size={"longest_edge": 32}),
+                               tokenizer=tok, image_seq_len=4, chat_template=llava.chat_template)
+    if family == "smolvlm":
+        # Its chat template reads the video half's frame settings even for images (unused: no video is passed).
+        processor.video_processor = SimpleNamespace(num_frames=64, fps=1)
+    tok.padding_side = "left"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
+
+
+def tiny_vlm(captioner, family: str):
+    """``tiny_qwen_vl`` or ``tiny_idefics`` by family."""
+    return (tiny_qwen_vl if family in QWEN_VL_FAMILIES else tiny_idefics)(captioner, family)
