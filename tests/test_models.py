@@ -75,12 +75,12 @@ def test_image_text_runner_batches_like_single_requests(tiny_models, red_image):
     assert "pixel_values" not in m._encode(requests[1:2])
 
 
-@pytest.mark.parametrize("family", QWEN_VL_FAMILIES + IDEFICS_FAMILIES)
+@pytest.mark.parametrize("family", (*QWEN_VL_FAMILIES, *IDEFICS_FAMILIES, "gemma3"))
 def test_other_image_text_families_caption_in_batches_like_single_requests(tiny_models, tmp_path, monkeypatch,
                                                                            family):
-    """The captioner's code path on Qwen-VL (3-D rotary positions, flattened patches, image_grid_thw) and Idefics3 /
-    SmolVLM (image tiles, pixel_attention_mask): loaded from its folder by the runner, images of different shapes
-    and a text-only prompt batch like single requests."""
+    """The captioner's code path on Qwen-VL (3-D rotary positions, flattened patches, image_grid_thw), Idefics3 /
+    SmolVLM (image tiles, pixel_attention_mask) and Gemma 3 (token types, a sliding window): loaded from its folder
+    by the runner, images of different shapes and a text-only prompt batch like single requests."""
     import transformers
 
     vlm = tiny_vlm(tiny_models["captioner"], family)
@@ -102,7 +102,8 @@ def test_other_image_text_families_caption_in_batches_like_single_requests(tiny_
     assert all(1 <= r.generated_tokens <= 8 for r in batched)
     images = m._encode(requests[:2])
     assert m.model.config.image_token_id in images["input_ids"][0].tolist()
-    assert ("image_grid_thw" if family in QWEN_VL_FAMILIES else "pixel_attention_mask") in images
+    assert {"gemma3": "token_type_ids", **dict.fromkeys(QWEN_VL_FAMILIES, "image_grid_thw"),
+            **dict.fromkeys(IDEFICS_FAMILIES, "pixel_attention_mask")}[family] in images
 
 
 def test_causal_lm_runner(tiny_models, red_image):

@@ -1,11 +1,13 @@
 """Tiny random image-text models of other families than the shipped LLaVA, for the tests: Qwen-VL (2, 2.5, 3) and
-Idefics3 / SmolVLM, each with its real model and processor classes, built in memory on the tiny LLaVA's tokenizer."""
+Idefics3 / SmolVLM and Gemma 3, each with its real model and processor classes, built in memory on the tiny LLaVA's
+tokenizer."""
 import inspect
 
 import torch
 
 QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IDEFICS_FAMILIES = ("idefics3", "smolvlm")
+GEMMA3_SLIDING_WINDOW = 64  # tokens: shorter than the tests' prompts, so the window binds
 
 # The Qwen2-VL chat template's shape (ChatML turns; an image part is <|vision_start|><|image_pad|><|vision_end|>).
 QWEN_CHAT_TEMPLATE = (
@@ -126,6 +128,57 @@ def tiny_idefics(captioner, family: str):
     return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
 
 
+# Gemma 3's chat template's shape (turns between <start_of_turn> / <end_of_turn>, the assistant is 'model', an
+# image part is <start_of_image>, which the processor expands into its soft tokens).
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' }}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def tiny_gemma3(captioner):
+    """A tiny random Gemma 3: SigLIP tower on 32 x 32 images of 8 x 8 patches, 16 soft tokens an image (which attend
+    to each other both ways), and a Gemma 3 text model of two layers: a sliding-window one, which sees
+    ``GEMMA3_SLIDING_WINDOW`` tokens (fewer than a prompt holds), and a global one."""
+    from types import SimpleNamespace
+
+    import transformers
+    from transformers import AutoProcessor
+
+    tok = AutoProcessor.from_pretrained(captioner).tokenizer
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok.add_special_tokens(
+        {"additional_special_tokens": [*image_tokens.values(), "<start_of_turn>", "<end_of_turn>"]},
+        replace_extra_special_tokens=False)
+    tok._set_model_specific_special_tokens(special_tokens=image_tokens)  # tok.boi_token_id ..., as Gemma's has
+    text = {"vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096,
+            "sliding_window": GEMMA3_SLIDING_WINDOW, "layer_types": ["sliding_attention", "full_attention"],
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id}
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                         "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        mm_tokens_per_image=16, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
+    image_processor = getattr(transformers, "Gemma3ImageProcessorPil", None) or transformers.Gemma3ImageProcessor
+    processor = transformers.Gemma3Processor(image_processor=image_processor(size={"height": 32, "width": 32}),
+                                             tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=16)
+    tok.padding_side = "left"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
+
+
 def tiny_vlm(captioner, family: str):
-    """``tiny_qwen_vl`` or ``tiny_idefics`` by family."""
+    """``tiny_qwen_vl``, ``tiny_idefics`` or ``tiny_gemma3`` by family."""
+    if family == "gemma3":
+        return tiny_gemma3(captioner)
     return (tiny_qwen_vl if family in QWEN_VL_FAMILIES else tiny_idefics)(captioner, family)

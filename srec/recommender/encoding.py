@@ -69,13 +69,16 @@ MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # image tokens differently, and that would be a silently wrong score, not an error. ``mm_token_type_ids`` is not
 # kept: ``position_ids`` rebuilds it from the model's image token id (the ids are all the rows carry).
 FAMILY_INPUTS = {**{t: ("image_grid_thw", "mm_token_type_ids") for t in MROPE_MODEL_TYPES},
-                 "idefics3": ("pixel_attention_mask",), "smolvlm": ("pixel_attention_mask",)}
+                 "idefics3": ("pixel_attention_mask",), "smolvlm": ("pixel_attention_mask",),
+                 "gemma3": ("token_type_ids",)}
+# Model types whose image tokens attend to each other both ways, marked by ``token_type_ids`` (``token_type_inputs``).
+BIDIRECTIONAL_IMAGE_MODEL_TYPES = ("gemma3",)
 # What other families' processors add, and why batching alone would not make them right.
 UNSUPPORTED_VISION_INPUTS = {
     "image_grid_thw": "3-D rotary positions of a model family srec has not checked",
     "video_grid_thw": "Qwen2-VL family video inputs",
     "pixel_attention_mask": "image tiles masked by a model family srec has not checked",
-    "token_type_ids": "Gemma 3 / PaliGemma: image tokens attend bidirectionally, selected by token type",
+    "token_type_ids": "token types of a model family srec has not checked (PaliGemma: a bidirectional prompt prefix)",
     "mm_token_type_ids": "models that mark image tokens by type for bidirectional attention or their own positions",
     "aspect_ratio_ids": "Mllama (Llama 3.2 Vision): images enter through cross-attention layers",
     "aspect_ratio_mask": "Mllama (Llama 3.2 Vision)",
@@ -113,8 +116,23 @@ def mrope_index(model):
 
 
 def image_token_types(model, ids):
-    """What the Qwen2-VL processor returns as ``mm_token_type_ids``: 1 at the model's image tokens, 0 elsewhere."""
+    """What the Qwen2-VL processor returns as ``mm_token_type_ids`` (Gemma 3's as ``token_type_ids``): 1 at the
+    model's image tokens, 0 elsewhere."""
     return (ids == base_model(model).config.image_token_id).int()
+
+
+def token_type_inputs(model, ids, cached: int = 0) -> dict:
+    """What a ``BIDIRECTIONAL_IMAGE_MODEL_TYPES`` model needs for an image's tokens to attend to each other both
+    ways: ``token_type_ids``, 1 at image tokens, over every key position the attention sees, so ``cached``
+    prefix positions (text: 0) come first; the model reads the types by key position. Other models: nothing."""
+    import torch  # noqa: PLC0415
+
+    if getattr(base_model(model).config, "model_type", None) not in BIDIRECTIONAL_IMAGE_MODEL_TYPES:
+        return {}
+    types = image_token_types(model, ids).long()
+    if cached:
+        types = torch.cat([types.new_zeros((types.shape[0], cached)), types], dim=1)
+    return {"token_type_ids": types}
 
 
 def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | None], mask, offset: int = 0):

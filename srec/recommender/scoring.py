@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from srec.recommender.encoding import (EncodedItem, base_model, image_token_types, mrope_index, pad_batch, position_ids,
-                                      vision_batch)
+                                      token_type_inputs, vision_batch)
 
 
 def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
@@ -29,13 +29,23 @@ def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
 CALL_COST_TOKENS = 256
 
 
-def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_COST_TOKENS, *,
+                 equal_lengths: bool = False) -> list[list[int]]:
     """Split candidates into batches that waste little on padding: sorted by length, cut where the padded tokens
     saved outweigh the cost of another call (optimal for that cost model, by dynamic programming).
 
     Every row of a batch is padded to its longest suffix, so one batch of 21 suffixes of 106..265 tokens
-    computes 21 x 265; two or three batches of similar lengths compute close to the sum of the lengths."""
+    computes 21 x 265; two or three batches of similar lengths compute close to the sum of the lengths.
+    ``equal_lengths``: no padding at all, a batch holds suffixes of one length (see ``score_shared_prefix``)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if equal_lengths:
+        batches: list[list[int]] = []
+        for i in order:
+            if batches and lengths[batches[-1][0]] == lengths[i] and len(batches[-1]) < max_batch:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
     n = len(order)
     best = [0.0] + [float("inf")] * n        # best[j]: cost of the first j sorted rows
     cut = [0] * (n + 1)
@@ -49,6 +59,17 @@ def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_C
         batches.append(order[cut[j]:j])
         j = cut[j]
     return batches[::-1]
+
+
+def sliding_window(model) -> int | None:
+    """The text model's sliding attention window (Mistral, Gemma 2 / 3 ...), None when every layer sees the whole
+    sequence."""
+    config = base_model(model).config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
 
 
 def cache_argument(model) -> str:
@@ -69,12 +90,19 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
     p = len(prefix_ids)
     out = np.empty(len(items), dtype=np.float64)
     with torch.inference_mode():
-        pre = model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1)
         cache_name = cache_argument(model)
-        prefix_cache = getattr(pre, "cache", None)
-        prefix_cache = pre.past_key_values if prefix_cache is None else prefix_cache  # the output's older name
+        # A cache without the model's config: every layer keeps every prefix position. The model's own would
+        # keep only the last window of a sliding-window layer, and the suffixes' keys would then sit at the
+        # wrong distance; the sliding window itself is in the attention mask, which the model builds.
+        prefix_cache = DynamicCache()
+        model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1,
+              **{cache_name: prefix_cache})
         kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
-        for rows in plan_batches([len(it.ids) for it in items], batch_size):
+        # The left padding between the cached prefix and a short suffix counts as distance in a sliding window's
+        # mask (it is measured in cache slots), so where the window can bind, batches hold one length, unpadded.
+        window = sliding_window(model)
+        unpadded = window is not None and p + max(len(it.ids) for it in items) >= window
+        for rows in plan_batches([len(it.ids) for it in items], batch_size, equal_lengths=unpadded):
             batch = [items[i] for i in rows]
             b = len(batch)
             ids, mask = pad_batch([it.ids for it in batch], pad_id, left=True)
@@ -85,7 +113,8 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
             full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
             positions = position_ids(model, [it.ids for it in batch], [it.vision for it in batch], mask, offset=p)
             res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{cache_name: cache},
-                        use_cache=True, logits_to_keep=1, **vision_batch([it.vision for it in batch], device, dtype))
+                        use_cache=True, logits_to_keep=1, **vision_batch([it.vision for it in batch], device, dtype),
+                        **token_type_inputs(model, ids, cached=p))
             out[rows] = _p_yes(res.logits, yes_id, no_id)
     return out
 
@@ -104,7 +133,7 @@ def score_naive(model, prefix_ids: Sequence[int], items: Sequence[EncodedItem], 
                 # As the processor would pass them: the model then computes its own 3-D positions, the way
                 # ``generate`` does, which is what ``position_ids`` must agree with.
                 vision["mm_token_type_ids"] = image_token_types(model, ids)
-            res = model(input_ids=ids, use_cache=False, logits_to_keep=1, **vision)
+            res = model(input_ids=ids, use_cache=False, logits_to_keep=1, **vision, **token_type_inputs(model, ids))
             out[i] = _p_yes(res.logits, yes_id, no_id)[0]
     return out
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from srec.recommender.encoding import EncodedItem, pad_batch, position_ids, vision_batch
+from srec.recommender.encoding import EncodedItem, pad_batch, position_ids, token_type_inputs, vision_batch
 from srec.recommender.settings import RecommenderSettings
 
 # Module-name parts of the parts LoRA never touches: vision encoders and projectors of the common MLLMs
@@ -79,7 +79,8 @@ def batch_inputs(model, rows: Sequence[TrainRow], pad_id: int, device, dtype) ->
     ids, mask = pad_batch([r.ids for r in rows], pad_id, left=True)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
             "position_ids": position_ids(model, [r.ids for r in rows], [r.vision for r in rows], mask).to(device),
-            **vision_batch([r.vision for r in rows], device, dtype)}
+            **vision_batch([r.vision for r in rows], device, dtype),
+            **{k: v.to(device) for k, v in token_type_inputs(model, ids).items()}}
 
 
 def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
