@@ -2,9 +2,11 @@
 
 ``score_shared_prefix`` encodes a user's prefix once and reuses its KV cache for every candidate: the
 candidates' suffixes run in batches on top of a batch view of the prefix cache (left-padded, so every
-row's answer position is the last one and only that position's logits are computed). ``score_naive``
-is the reference: one full forward over prefix + suffix per candidate. Both read the same two logits,
-so they agree to float round-off (tested to 1e-4).
+row's answer position is the last one and only that position's logits are computed; unpadded batches of one
+length where a sliding attention window could bind). Rotary positions and image token types come from
+``position_ids`` and ``token_type_inputs``, offset by the prefix. ``score_naive`` is the reference: one full
+forward over prefix + suffix per candidate, positions and masks as the model builds them itself. Both read the
+same two logits, so they agree to float round-off (tested to 1e-4 on every supported family).
 """
 from __future__ import annotations
 
