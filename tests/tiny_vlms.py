@@ -2,6 +2,7 @@
 Idefics3 / SmolVLM and Gemma 3, each with its real model and processor classes, built in memory on the tiny LLaVA's
 tokenizer."""
 import inspect
+from types import SimpleNamespace
 
 import torch
 
@@ -25,8 +26,6 @@ def tiny_qwen_vl(captioner, family: str):
     """A tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL with its real processor class, on the tiny LLaVA's tokenizer
     plus Qwen's special tokens. The processor is built in memory: its video half needs torchvision, which has no CPU
     wheel beside the pinned torch, and ``save_pretrained`` / ``AutoProcessor`` insist on it; images never touch it."""
-    from types import SimpleNamespace
-
     import transformers
     from transformers import AutoProcessor
 
@@ -60,16 +59,11 @@ def tiny_qwen_vl(captioner, family: str):
                         vision_end_token_id=ids["vision_end"], tie_word_embeddings=False)
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
     image_processor = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     images = image_processor(min_pixels=16 * 16, max_pixels=128 * 128, patch_size=8, merge_size=2,
                              temporal_patch_size=2)
     processor = _without_video(processor_cls, image_processor=images, tokenizer=tok, chat_template=QWEN_CHAT_TEMPLATE)
-    tok.padding_side = "left"
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
+    return _loaded(model, processor, tok)
 
 
 def _without_video(processor_cls, **parts):
@@ -92,8 +86,6 @@ def tiny_idefics(captioner, family: str):
     """A tiny random Idefics3 or SmolVLM: a SigLIP-style tower on 32 x 32 tiles of 8 x 8 patches, pixel-shuffled
     2 x 2 into 4 image tokens a tile, and the tiny LLaVA's Llama text model, tokenizer and chat template. An image
     becomes a global tile plus, above 32 pixels, a grid of tiles, so items carry different tile counts."""
-    from types import SimpleNamespace
-
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
@@ -111,8 +103,6 @@ def tiny_idefics(captioner, family: str):
         tie_word_embeddings=False)
     torch.manual_seed(0)
     model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
     image_processor = (getattr(transformers, f"{prefix}ImageProcessorPil", None)
                        or getattr(transformers, f"{prefix}ImageProcessor"))
     processor = _without_video(getattr(transformers, f"{prefix}Processor"),
@@ -122,10 +112,7 @@ def tiny_idefics(captioner, family: str):
     if family == "smolvlm":
         # Its chat template reads the video half's frame settings even for images (unused: no video is passed).
         processor.video_processor = SimpleNamespace(num_frames=64, fps=1)
-    tok.padding_side = "left"
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
+    return _loaded(model, processor, tok)
 
 
 # Gemma 3's chat template's shape (turns between <start_of_turn> / <end_of_turn>, the assistant is 'model', an
@@ -143,8 +130,6 @@ def tiny_gemma3(captioner):
     """A tiny random Gemma 3: SigLIP tower on 32 x 32 images of 8 x 8 patches, 16 soft tokens an image (which attend
     to each other both ways), and a Gemma 3 text model of two layers: a sliding-window one, which sees
     ``GEMMA3_SLIDING_WINDOW`` tokens (fewer than a prompt holds), and a global one."""
-    from types import SimpleNamespace
-
     import transformers
     from transformers import AutoProcessor
 
@@ -166,15 +151,10 @@ def tiny_gemma3(captioner):
         image_token_index=tok.image_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)  # as the tiny builder does: logits of real-model magnitude
     image_processor = getattr(transformers, "Gemma3ImageProcessorPil", None) or transformers.Gemma3ImageProcessor
     processor = transformers.Gemma3Processor(image_processor=image_processor(size={"height": 32, "width": 32}),
                                              tokenizer=tok, chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=16)
-    tok.padding_side = "left"
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
+    return _loaded(model, processor, tok)
 
 
 def tiny_vlm(captioner, family: str):
@@ -182,3 +162,16 @@ def tiny_vlm(captioner, family: str):
     if family == "gemma3":
         return tiny_gemma3(captioner)
     return (tiny_qwen_vl if family in QWEN_VL_FAMILIES else tiny_idefics)(captioner, family)
+
+
+def _loaded(model, processor, tok):
+    """What ``srec.models.runner.LoadedModel`` offers the recommender (model, processor, tokenizer, device, dtype),
+    set up as the tiny builder sets up its own: output head scaled to real-model logits, left padding, eos / pad."""
+    from srec.models.tiny import LM_HEAD_SCALE
+
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(LM_HEAD_SCALE)
+    tok.padding_side = "left"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return SimpleNamespace(model=model, processor=processor, tokenizer=tok, device="cpu", dtype=torch.float32)
