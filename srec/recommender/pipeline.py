@@ -341,6 +341,13 @@ class TrainedVariant:
     prompt_version: str
 
 
+# What an adapter becomes depends on this code too (training, and the validation scores early stopping reads):
+# bump it when that changes. It is lora_adapter's code_version and part of every training run key, so a changed
+# trainer starts a run afresh instead of resuming (or reusing) one from before the change.
+# 2: sliding-window models validate on their whole prefix; Qwen-VL, Idefics3 / SmolVLM and Gemma 3 images.
+TRAINING_CODE_VERSION = "2"
+
+
 def run_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -353,7 +360,7 @@ def train_variant(con, category: str, variant: Variant, loaded, settings: Recomm
     encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
     rows = load_train_rows(con, category, variant.style, encoder, loaded)
     n_valid, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
-    key = run_key(variant.name, settings.training_json(), loaded.fingerprint, data_key, seed)
+    key = run_key(TRAINING_CODE_VERSION, variant.name, settings.training_json(), loaded.fingerprint, data_key, seed)
     model, result = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
                                device=loaded.device, dtype=loaded.dtype, work_dir=work_dir, run_key=key,
                                quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),

@@ -114,9 +114,7 @@ def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     partitions_def=category_partitions,
     group_name="recommender",
     kinds={"pytorch", "peft"},
-    # 2: validation scores a sliding-window model on the whole prefix (unpadded where its window binds); Qwen-VL,
-    # Idefics3 / SmolVLM and Gemma 3 images train and score (3-D positions, tile masks, token types).
-    code_version="2",
+    code_version=rec.TRAINING_CODE_VERSION,
     io_manager_key="adapter_io_manager",
     deps=[sft_examples, eval_candidates, user_preferences, item_captions],
     description=("A LoRA (or QLoRA) adapter per trained variant, loss on the answer tokens, early-stopped on "
@@ -255,7 +253,7 @@ def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner
     partitions_def=category_partitions,
     group_name="recommender",
     kinds={"duckdb", "pytorch"},
-    code_version="2",  # as lora_adapter's 2: sliding-window models, other image families
+    code_version="2",  # 2: sliding-window models score on their whole prefix; Qwen-VL, Idefics3 / SmolVLM, Gemma 3
     deps=[eval_candidates, user_preferences, item_captions, item_images],
     description=("P(yes) / (P(yes) + P(no)) at the answer position for every stored test candidate, one forward "
                  "pass, the user's prompt prefix encoded once; one model name per variant, zero-shot included."),
