@@ -59,20 +59,21 @@ class EncodedItem:
 # ``pixel_values`` [1, C, H, W]; LLaVA-NeXT style ones [1, patches, C, H, W] plus ``image_sizes`` [1, 2];
 # Qwen2-VL style ones flattened patches [n, D] plus ``image_grid_thw`` [1, 3]; Idefics3 / SmolVLM style ones
 # [1, tiles, C, H, W] plus ``pixel_attention_mask`` [1, tiles, H, W] (zero-padded tiles are what the model skips).
-VISION_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
+LLAVA_INPUTS = ("pixel_values", "image_sizes")          # passed on for any model
+VISION_INPUTS = (*LLAVA_INPUTS, "image_grid_thw", "pixel_attention_mask")  # kept per item and batched
 TEXT_INPUTS = ("input_ids", "attention_mask")
 # Model types whose image tokens take 3-D rotary positions (time, height, width) from the model's own
 # ``get_rope_index``, which ``position_ids`` applies to suffixes scored on a cached prefix.
 MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# Inputs beyond ``pixel_values`` / ``image_sizes`` that srec passes on, by the model types it has checked them on
-# against a full forward per candidate (tests/test_recommender.py). Another family might place, count or mask its
-# image tokens differently, and that would be a silently wrong score, not an error. ``mm_token_type_ids`` is not
-# kept: ``position_ids`` rebuilds it from the model's image token id (the ids are all the rows carry).
-FAMILY_INPUTS = {**{t: ("image_grid_thw", "mm_token_type_ids") for t in MROPE_MODEL_TYPES},
-                 "idefics3": ("pixel_attention_mask",), "smolvlm": ("pixel_attention_mask",),
-                 "gemma3": ("token_type_ids",)}
 # Model types whose image tokens attend to each other both ways, marked by ``token_type_ids`` (``token_type_inputs``).
 BIDIRECTIONAL_IMAGE_MODEL_TYPES = ("gemma3",)
+# Inputs beyond ``LLAVA_INPUTS`` that srec passes on, by the model types it has checked them on against a full
+# forward per candidate (tests/test_recommender.py). Another family might place, count or mask its image tokens
+# differently, and that would be a silently wrong score, not an error. Token types are not kept: ``position_ids``
+# and ``token_type_inputs`` rebuild them from the model's image token id (the ids are all the rows carry).
+FAMILY_INPUTS = {**{t: ("image_grid_thw", "mm_token_type_ids") for t in MROPE_MODEL_TYPES},
+                 **{t: ("token_type_ids",) for t in BIDIRECTIONAL_IMAGE_MODEL_TYPES},
+                 "idefics3": ("pixel_attention_mask",), "smolvlm": ("pixel_attention_mask",)}
 # What other families' processors add, and why batching alone would not make them right.
 UNSUPPORTED_VISION_INPUTS = {
     "image_grid_thw": "3-D rotary positions of a model family srec has not checked",
@@ -90,7 +91,7 @@ def check_vision_inputs(keys, processor_name: str, model_type: str | None = None
     """Raise a ``PromptError`` naming the model family when a processor's image outputs are not ones the
     recommender's scorer and trainer handle for this model type (they would fail deep in a forward pass, or
     score wrongly)."""
-    handled = {"pixel_values", "image_sizes", *TEXT_INPUTS, *FAMILY_INPUTS.get(model_type, ())}
+    handled = {*LLAVA_INPUTS, *TEXT_INPUTS, *FAMILY_INPUTS.get(model_type, ())}
     extra = sorted(set(keys) - handled)
     if not extra:
         return
