@@ -14,6 +14,9 @@ from srec_assets.assets.report import metric_report
 from srec_assets.assets.sequences import eval_candidates, interactions
 from srec_assets.automation import JOBS, SCHEDULES, SENSORS
 from srec_assets.checks import ALL_CHECKS
+from srec_assets.pool_slots import serialize_sqlite_slot_changes
+
+serialize_sqlite_slot_changes()  # the pools below hold across processes on the SQLite instance (pool_slots.py)
 
 ALL_ASSETS = [raw_reviews, raw_items, interactions, eval_candidates, item_images, item_captions, user_preferences,
               sft_examples, lora_adapter, recommender_scores, baseline_scores, metric_report]
