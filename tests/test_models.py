@@ -117,6 +117,25 @@ def test_causal_lm_runner(tiny_models, red_image):
     assert dict(m.identity.generation)["max_new_tokens"] == 6
 
 
+def test_identity_key_follows_the_files_and_numerics_not_the_path(tiny_models, tmp_path):
+    """The cache key a caption or summary is stored under: the same files in a moved folder hit the cache;
+    other numerics (a bf16 load writes other text than fp32) or generation settings miss it."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "summariser"
+    shutil.copytree(tiny_models["summariser"], moved)
+    here = LoadedModel(RunnerSettings(model=str(tiny_models["summariser"]), max_new_tokens=6))
+    there = LoadedModel(RunnerSettings(model=str(moved), max_new_tokens=6))
+    assert here.identity.model != there.identity.model and here.identity.key == there.identity.key
+    assert dict(here.identity.generation) | {"max_new_tokens": 6} == {
+        "do_sample": False, "dtype": "float32", "max_new_tokens": 6, "min_new_tokens": 1, "quantization": "none"}
+    bf16 = LoadedModel(RunnerSettings(model=str(moved), max_new_tokens=6, dtype="bfloat16"))
+    longer = LoadedModel(RunnerSettings(model=str(moved), max_new_tokens=7))
+    assert len({here.identity.key, bf16.identity.key, longer.identity.key}) == 3
+    (moved / "extra.txt").write_text("changed files")
+    assert LoadedModel(RunnerSettings(model=str(moved), max_new_tokens=6)).identity.key != here.identity.key
+
+
 def test_model_that_is_not_available_offline_says_so():
     with pytest.raises(ModelLoadError, match="not in the Hugging Face cache.*does not download"):
         LoadedModel(RunnerSettings(model="llava-hf/llava-1.5-7b-hf"))

@@ -433,7 +433,7 @@ def test_second_call_generates_nothing_and_marks_from_cache(con, beauty_data):
 @pytest.mark.parametrize("identity", [
     ModelIdentity(IDENT.model, "fp1", IDENT.generation),                               # other weights
     ModelIdentity(IDENT.model, IDENT.fingerprint, (("do_sample", False), ("max_new_tokens", 128))),
-    ModelIdentity("fake/other", IDENT.fingerprint, IDENT.generation),
+    ModelIdentity(IDENT.model, IDENT.fingerprint, (*IDENT.generation, ("quantization", "4bit"))),
 ])
 def test_other_model_identity_regenerates(con, beauty_data, identity):
     _beauty(con, beauty_data)
@@ -442,6 +442,15 @@ def test_other_model_identity_regenerates(con, beauty_data, identity):
     assert again.cached == 0 and again.generated == first.prompts_distinct
     rows = _rows(con, CAT)
     assert not rows["from_cache"].any() and (rows["model_fingerprint"] == identity.fingerprint).all()
+
+
+def test_same_files_under_another_name_reuse_the_cache(con, beauty_data):
+    """A moved checkout or a Hub id's local copy: same fingerprint and settings, so nothing is generated again."""
+    _beauty(con, beauty_data)
+    first = _build(con, CAT, Echo())
+    gen = Echo()
+    again = _build(con, CAT, gen, identity=ModelIdentity("/moved/copy/of/echo", IDENT.fingerprint, IDENT.generation))
+    assert gen.calls == [] and again.generated == 0 and again.cached == first.prompts_distinct
 
 
 def test_other_prompt_version_regenerates_only_its_steps(con, beauty_data, monkeypatch):

@@ -25,10 +25,16 @@ GenerateFn = Callable[[Sequence[GenerationRequest]], list[GenerationResult]]
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What, besides the prompt, determines a generated text: part of every cache key and lineage record."""
-    model: str                       # Hub id or local path as configured
+    """What, besides the prompt, determines a generated text: part of every cache key and lineage record.
+
+    The key is the fingerprint and the settings, not ``model``: the fingerprint already names the files, and the
+    same files under another path or name (a moved checkout, a Hub id vs its local copy) write the same text, so
+    they share the cache instead of generating everything again."""
+    model: str                       # Hub id or local path as configured: recorded, not part of the key
     fingerprint: str                 # hash of the model's config + weights files (srec.models.runner.model_fingerprint)
-    generation: tuple[tuple[str, object], ...] = ()   # sorted generation settings (max_new_tokens, do_sample, ...)
+    # sorted settings that shape the text: generation (max_new_tokens, do_sample, ...) and the model's numerics
+    # (dtype, quantization: a 4-bit or bf16 model writes other text than the fp32 one)
+    generation: tuple[tuple[str, object], ...] = ()
 
     @property
     def generation_json(self) -> str:
@@ -38,4 +44,4 @@ class ModelIdentity:
     @property
     def key(self) -> str:
         import hashlib  # noqa: PLC0415
-        return hashlib.sha256(f"{self.model}\x00{self.fingerprint}\x00{self.generation_json}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{self.fingerprint}\x00{self.generation_json}".encode()).hexdigest()[:16]

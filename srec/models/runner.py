@@ -205,8 +205,9 @@ class LoadedModel:
 
     @property
     def identity(self) -> ModelIdentity:
+        numerics = {"dtype": str(self.dtype).removeprefix("torch."), "quantization": self.settings.quantization}
         return ModelIdentity(model=self.settings.model, fingerprint=self.fingerprint,
-                             generation=tuple(sorted(self.settings.generation_settings().items())))
+                             generation=tuple(sorted({**self.settings.generation_settings(), **numerics}.items())))
 
     def describe(self) -> dict:
         return {**asdict(self.settings), "folder": str(self.folder), "task": self.task, "resolved_device": self.device,

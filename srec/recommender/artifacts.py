@@ -46,7 +46,8 @@ def content_version(folder: Path, manifest: dict) -> str:
         if p.is_file() and p.name != MANIFEST:
             h.update(f"{p.relative_to(folder)}\x00".encode())
             h.update(hashlib.sha256(p.read_bytes()).digest())
-    lineage = {k: manifest.get(k) for k in ("category", "base_model", "base_fingerprint", "data", "settings")}
+    # The base by its fingerprint, not its path: the same adapter trained in a moved checkout is the same version.
+    lineage = {k: manifest.get(k) for k in ("category", "base_fingerprint", "data", "settings")}
     h.update(json.dumps(lineage, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
