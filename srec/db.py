@@ -60,13 +60,17 @@ def delete_partition(con: duckdb.DuckDBPyConnection, table: str, category: str) 
 
 
 def partition_content_hash(
-    con: duckdb.DuckDBPyConnection, table: str, category: str, columns: Iterable[str] | None = None
+    con: duckdb.DuckDBPyConnection, table: str, category: str, columns: Iterable[str] | None = None, *,
+    file_name_columns: Iterable[str] = (),
 ) -> str:
     """Order-independent content hash (a sum, so repeated rows still count) of a table's partition: the
     DataVersion of what was written. ``columns`` limits it to the columns that are the content (leaving out
-    bookkeeping such as whether a row came from a cache)."""
+    bookkeeping such as whether a row came from a cache). ``file_name_columns``: paths of content-addressed
+    files, hashed by their file name only, so the same content in a moved data folder keeps its version."""
     columns = list(columns) if columns is not None else [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
-    row = ", ".join(f'"{c}"' for c in columns)
+    names = list(file_name_columns)
+    row = ", ".join([*(f'"{c}"' for c in columns if c not in names),
+                     *(f"""regexp_extract("{c}", '[^/\\\\]*$')""" for c in names)])
     (n, h) = scalar_row(
         con, f"SELECT count(*), coalesce(sum(hash(({row}))::HUGEINT), 0) FROM {table} WHERE category = ?", [category]
     )

@@ -48,6 +48,23 @@ def test_content_hash_ignores_order_but_counts_repeats(tmp_path):
     assert partition_content_hash(con, "raw_reviews", "x") != h1
 
 
+def test_content_hash_reads_content_addressed_paths_by_file_name(tmp_path):
+    con = _con(tmp_path)
+    con.execute("CREATE TABLE t (category VARCHAR, item VARCHAR, image_path VARCHAR)")
+
+    def version(*paths):
+        con.execute("DELETE FROM t")
+        con.executemany("INSERT INTO t VALUES ('x', ?, ?)", [[str(i), p] for i, p in enumerate(paths)])
+        return partition_content_hash(con, "t", "x", file_name_columns=("image_path",))
+
+    v = version("/work/a/data/normalized/4a/4abc.png", None)
+    assert version("/tmp/moved/data/normalized/4a/4abc.png", None) == v           # the same file, moved
+    assert version("C:\\data\\normalized\\4a\\4abc.png", None) == v
+    assert version("/work/a/data/normalized/5b/5bcd.png", None) != v              # another image
+    assert version("/work/a/data/normalized/4a/4abc.png", "/work/a/x/4abc.png") != v
+    assert partition_content_hash(con, "t", "x") != partition_content_hash(con, "t", "x", file_name_columns=["image_path"])
+
+
 def test_storage_resource_creates_tables_and_folders(storage):
     with storage.connect() as con:
         tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}

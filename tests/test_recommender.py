@@ -733,6 +733,30 @@ def test_store_moves_current_only_when_promoted(tmp_path):
     assert artifacts.load(tmp_path / "root", "c", kept.version).manifest["promotion"]["promoted"] is False
 
 
+def test_adapter_version_is_its_content_not_where_the_base_lies(tmp_path):
+    """PEFT's config names the base's path and lists target_modules from a set (another order in another
+    process); neither changes what the adapter is, and its model card is not hashed. Weights and lineage do."""
+    import json
+
+    from srec.recommender import artifacts
+
+    def version(base: str, modules: list[str], weights: bytes = b"w", card: str = "", fingerprint: str = "f1"):
+        folder = tmp_path / f"set-{len(list(tmp_path.iterdir()))}" / "lora__a"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"base_model_name_or_path": base, "target_modules": modules, "r": 16}))
+        (folder / "README.md").write_text(f"---\nbase_model: {base}\n---\n{card}")
+        return artifacts.content_version(folder.parent, {"category": "c", "base_fingerprint": fingerprint,
+                                                         "base_model": base})
+
+    v = version("/work/a/tiny", ["q_proj", "v_proj", "up_proj"])
+    assert version("/tmp/moved/tiny", ["up_proj", "q_proj", "v_proj"], card="other card") == v
+    assert version("/work/a/tiny", ["q_proj", "v_proj"]) != v                       # other modules
+    assert version("/work/a/tiny", ["q_proj", "v_proj", "up_proj"], weights=b"x") != v
+    assert version("/work/a/tiny", ["q_proj", "v_proj", "up_proj"], fingerprint="f2") != v
+
+
 def test_batches_are_planned_by_length_to_save_padding():
     from srec.recommender.scoring import plan_batches
 

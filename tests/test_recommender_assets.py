@@ -1,5 +1,6 @@
 """sft_examples -> lora_adapter -> recommender_scores -> metric_report through Dagster, on 25 real users."""
 import json
+import shutil
 
 import dagster as dg
 import duckdb
@@ -8,6 +9,7 @@ from peft import PeftModel
 
 from srec.models.runner import LoadedModel, RunnerSettings
 from srec.recommender import artifacts
+from srec.recommender.pipeline import sft_examples_version
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.ingest import raw_items, raw_reviews
 from srec_assets.assets.mllm import item_captions, item_images, user_preferences
@@ -65,6 +67,21 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
                              ).fetchall()[0][0]
         assert con.execute("SELECT count(*) FROM recommender_scores").fetchall()[0][0] == 3 * n_test
         con.close()
+
+        # The rows' version does not depend on where the checkout lies: the same rows with the base model and the
+        # content-addressed images under another folder keep it; a changed answer does not.
+        moved_db = tmp_path / "moved.duckdb"
+        shutil.copyfile(storage.database, moved_db)
+        with duckdb.connect(str(moved_db)) as moved:
+            version = sft_examples_version(moved, "beauty")
+            assert moved.execute("SELECT count(*) FROM sft_examples WHERE image_path LIKE ?",
+                                 [f"{tmp_path}%"]).fetchall()[0][0] > 0
+            moved.execute("UPDATE sft_examples SET model = '/elsewhere/tiny-llava', "
+                          "image_path = replace(image_path, ?, '/elsewhere/')", [str(tmp_path)])
+            assert sft_examples_version(moved, "beauty") == version
+            moved.execute("UPDATE sft_examples SET answer = 'No.' WHERE rowid = (SELECT min(rowid) FROM sft_examples "
+                          "WHERE answer = 'Yes.')")
+            assert sft_examples_version(moved, "beauty") != version
 
         # The adapter: stored through the IO manager in PEFT format, with a manifest naming its inputs.
         out = result.output_for_node("lora_adapter")

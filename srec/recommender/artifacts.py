@@ -39,13 +39,30 @@ class AdapterSet:
         return self.folder / entry["folder"]
 
 
+def _adapter_file_bytes(path: Path) -> bytes | None:
+    """What of a saved adapter file is its content. PEFT's ``adapter_config.json`` names the base by its path and
+    writes ``target_modules`` from a set, in an order that changes from process to process: both are left out or
+    sorted (the base is in the lineage by its fingerprint). PEFT's model card (``README.md``) only repeats the
+    config and the path, so it is not hashed."""
+    if path.name == "README.md":
+        return None
+    if path.name == "adapter_config.json":
+        config = json.loads(path.read_text())
+        config.pop("base_model_name_or_path", None)
+        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        return json.dumps(config, sort_keys=True).encode()
+    return path.read_bytes()
+
+
 def content_version(folder: Path, manifest: dict) -> str:
-    """Hash of every adapter file plus the manifest's lineage fields (not its timings)."""
+    """Hash of every adapter file (``_adapter_file_bytes``) plus the manifest's lineage fields (not its timings)."""
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != MANIFEST and (content := _adapter_file_bytes(p)) is not None:
             h.update(f"{p.relative_to(folder)}\x00".encode())
-            h.update(hashlib.sha256(p.read_bytes()).digest())
+            h.update(hashlib.sha256(content).digest())
     # The base by its fingerprint, not its path: the same adapter trained in a moved checkout is the same version.
     lineage = {k: manifest.get(k) for k in ("category", "base_fingerprint", "data", "settings")}
     h.update(json.dumps(lineage, sort_keys=True, default=str).encode())

@@ -200,7 +200,7 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
         log(f"sft_examples {category}: style {style}: {len(prompts)} prompts")
     frame = pd.DataFrame(records, columns=SFT_COLUMNS)
     stats.rows = write_table(con, "sft_examples", category, frame, SFT_CASTS)
-    stats.version = partition_content_hash(con, "sft_examples", category)
+    stats.version = sft_examples_version(con, category)
     recorded = {**example_settings(settings, seed), "styles": stats.styles}
     write_table(con, "sft_example_settings", category, pd.DataFrame([{
         "category": category, "settings": json.dumps(recorded, sort_keys=True), "sft_examples_version": stats.version,
@@ -210,6 +210,14 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
         stats.mean_prompt_tokens = float(frame["prompt_tokens"].mean())
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def sft_examples_version(con, category: str) -> str:
+    """Content hash of the category's sft_examples: every column but where things lie (the base model's path:
+    its fingerprint is a column; an image by its content-addressed file name), so a moved checkout's rows keep
+    their version, and training resumes or reuses its runs instead of starting again."""
+    columns = [c for c in SFT_COLUMNS if c != "model"]
+    return partition_content_hash(con, "sft_examples", category, columns, file_name_columns=("image_path",))
 
 
 def example_settings(settings: RecommenderSettings, seed: int) -> dict:
@@ -227,7 +235,7 @@ def check_example_settings(con, category: str, settings: RecommenderSettings, *,
         raise RecommenderInputError(f"sft_examples of {category!r} have no recorded settings (not built, or built "
                                     "by an older srec): materialize sft_examples again")
     recorded, version = json.loads(row[0]), row[1]
-    current = partition_content_hash(con, "sft_examples", category)
+    current = sft_examples_version(con, category)
     if current != version:
         raise RecommenderInputError(f"sft_examples of {category!r} changed ({version} -> {current}) since their "
                                     "settings were recorded: materialize sft_examples again")
