@@ -380,6 +380,14 @@ def compute_metric_rows(
 _EARLIER_SPLITS: dict[str, tuple[str, ...]] = {"valid": ("train",), "test": ("train", "valid")}
 
 
+def llm_variants(con, category: str) -> list[str]:
+    """The recommender variants behind the report's LLM rows (``recommender_runs``, written with the scores)."""
+    if not table_exists(con, "recommender_runs"):
+        return []
+    return [r[0] for r in con.execute("SELECT variant FROM recommender_runs WHERE category = ? ORDER BY 1",
+                                      [category]).fetchall()]
+
+
 def candidate_popularity(con, category: str, split: str = "test") -> list[dict]:
     """How popular the stored positives are next to their sampled negatives, per sampled protocol.
 

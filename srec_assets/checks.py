@@ -12,6 +12,8 @@ import pandas as pd
 from resources import SrecStorage
 from srec import invariants
 from srec.db import scalar_row
+from srec.recommender.settings import no_summary_comparison
+from srec.report import llm_variants
 from srec.schemas import validate_partition
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.ingest import raw_items, raw_reviews
@@ -200,3 +202,22 @@ def adapter_promotion_gate(context: dg.AssetCheckExecutionContext, storage: Srec
 
 
 ALL_CHECKS.append(adapter_promotion_gate)
+
+
+@dg.asset_check(
+    asset=metric_report,
+    name="report_has_no_summary_row",
+    partitions_def=category_partitions,
+    description=("Warns when the report's LLM rows read a preference summary but none shows the chronological "
+                 "item list alone (preference 'none'): DESIGN.md asks for that comparison in every report."),
+)
+def report_has_no_summary_row(context: dg.AssetCheckExecutionContext, storage: SrecStorage) -> dg.AssetCheckResult:
+    cfg = category_config(context)
+    with storage.connect() as con:
+        variants = llm_variants(con, cfg.name)
+    holds, description = no_summary_comparison(variants)
+    return dg.AssetCheckResult(passed=holds, severity=dg.AssetCheckSeverity.WARN, description=description,
+                               metadata={"llm_variants": dg.MetadataValue.json(variants)})
+
+
+ALL_CHECKS.append(report_has_no_summary_row)

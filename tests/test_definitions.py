@@ -12,7 +12,7 @@ from srec.paths import PROJECT_ROOT
 
 REQUIRED_ASSETS = {"raw_reviews", "raw_items", "interactions", "eval_candidates", "item_images", "item_captions",
                    "user_preferences", "baseline_scores", "metric_report"}
-WARNING_CHECKS = {"caption_hallucination", "adapter_promotion_gate"}  # quality warnings: recorded, never blocking
+WARNING_CHECKS = {"caption_hallucination", "adapter_promotion_gate", "report_has_no_summary_row"}  # quality warnings: recorded, never blocking
 
 
 def test_definitions_have_the_required_assets_partitioned_by_category():

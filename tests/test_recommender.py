@@ -51,6 +51,19 @@ def _encode(encoder: PromptEncoder, user: UserView, items: list[ItemView], budge
     return encoder.fit_prefix(user, need, who="test user"), encoded
 
 
+def test_a_report_with_summaries_needs_a_no_summary_row():
+    from srec.recommender.settings import RecommenderSettings, no_summary_comparison
+
+    assert no_summary_comparison(RecommenderSettings().variants)[0]          # the defaults have it
+    holds, text = no_summary_comparison(["lora:fused+recurrent", "zero-shot"])
+    assert not holds and "NO no-summary row" in text and "lora:fused+recurrent, zero-shot:fused+recurrent" in text
+    holds, text = no_summary_comparison(["lora:fused+direct", "qlora:text+none+cot"])
+    assert holds and text == ("summaries (lora:fused+direct) against the chronological item list alone "
+                              "(qlora:text+none+cot)")
+    assert no_summary_comparison(["lora:image+none"]) == (True, "no LLM row reads a preference summary")
+    assert no_summary_comparison([]) == (True, "no LLM row reads a preference summary")
+
+
 def test_variants_parse_and_reject_unknown_values():
     assert Variant.parse("zero-shot") == Variant("zero-shot", "fused", "recurrent", False)
     assert Variant.parse("qlora:text+none+cot").name == "qlora:text+none+cot"

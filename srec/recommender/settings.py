@@ -76,6 +76,23 @@ ALLOWED_HINT = (f"adapters {ADAPTERS}, modalities {MODALITIES}, preferences {PRE
                 "(e.g. 'lora:fused+recurrent', 'zero-shot', 'qlora:text+none+cot')")
 
 
+def no_summary_comparison(variants: list[str] | tuple[str, ...]) -> tuple[bool, str]:
+    """(holds, what the report says): a report whose LLM rows read a preference summary must also have a row
+    without one (preference ``none``: the chronological item list only). A third-party rerun of MLLM-MSR found
+    that plain list + SFT beating the recurrent summaries (DESIGN.md, "Reference numbers")."""
+    parsed = [Variant.parse(v) for v in variants]
+    with_summary = [v.name for v in parsed if v.preference != "none"]
+    without = [v.name for v in parsed if v.preference == "none"]
+    if not with_summary:
+        return True, "no LLM row reads a preference summary"
+    if without:
+        return True, (f"summaries ({', '.join(with_summary)}) against the chronological item list alone "
+                      f"({', '.join(without)})")
+    return False, (f"NO no-summary row: {', '.join(with_summary)} read a preference summary, and no variant with "
+                   "preference 'none' (e.g. 'lora:fused+none') shows what the item list alone does; a plain list + "
+                   "SFT has beaten recurrent summaries in a third-party rerun of MLLM-MSR")
+
+
 PROMPT_SETTINGS = ("history_items", "max_length", "max_item_chars", "max_title_chars", "cot_max_new_tokens")
 EXAMPLE_SETTINGS = ("negatives_per_positive", *PROMPT_SETTINGS)
 
@@ -87,7 +104,8 @@ def settings_differences(recorded: dict, current: dict) -> list[str]:
 
 @dataclass(frozen=True)
 class RecommenderSettings:
-    variants: tuple[str, ...] = ("lora:fused+recurrent", "zero-shot")
+    # the main variant, the no-summary comparison every report needs (no_summary_comparison), the base
+    variants: tuple[str, ...] = ("lora:fused+recurrent", "lora:fused+none", "zero-shot")
     # --- examples and prompts
     negatives_per_positive: int = 1     # sampled (or explicit low-rated) negatives per training positive
     history_items: int = 20             # most recent items listed in the prompt (the oldest go first when too long)

@@ -11,11 +11,13 @@ from resources import SrecStorage
 from srec.captions import caption_snapshot
 from srec.baselines.train import describe_baseline
 from srec.db import partition_content_hash, replace_partition, scalar_row, table_exists
+from srec.recommender.settings import no_summary_comparison
 from srec.report import (
     REPORT_COLUMNS,
     candidate_popularity,
     candidate_popularity_note,
     compute_metric_rows,
+    llm_variants,
     markdown_table,
     write_report,
 )
@@ -46,6 +48,9 @@ def _mllm_inputs(con, category: str) -> dict:
     runs = con.execute(
         "SELECT model, base_model, base_fingerprint, tiny_random_weights, adapter_version, valid_auc, prompt_version "
         "FROM recommender_runs WHERE category = ? ORDER BY model", [category]).fetchall()
+    variants = llm_variants(con, category)
+    if variants:
+        out["no_summary_comparison"] = no_summary_comparison(variants)[1]
     if runs:
         tiny_note = (", a TINY model with RANDOM weights: its numbers only show that the code path works, "
                      "not what an MLLM recommender achieves")
