@@ -61,17 +61,21 @@ def delete_partition(con: duckdb.DuckDBPyConnection, table: str, category: str) 
 
 def partition_content_hash(
     con: duckdb.DuckDBPyConnection, table: str, category: str, columns: Iterable[str] | None = None, *,
-    file_name_columns: Iterable[str] = (),
+    file_name_columns: Iterable[str] = (), where: dict[str, object] | None = None,
 ) -> str:
     """Order-independent content hash (a sum, so repeated rows still count) of a table's partition: the
     DataVersion of what was written. ``columns`` limits it to the columns that are the content (leaving out
     bookkeeping such as whether a row came from a cache). ``file_name_columns``: paths of content-addressed
-    files, hashed by their file name only, so the same content in a moved data folder keeps its version."""
+    files, hashed by their file name only, so the same content in a moved data folder keeps its version.
+    ``where``: column = value filters within the partition (the rows of one kind)."""
     columns = list(columns) if columns is not None else [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
     names = list(file_name_columns)
     row = ", ".join([*(f'"{c}"' for c in columns if c not in names),
                      *(f"""regexp_extract("{c}", '[^/\\\\]*$')""" for c in names)])
+    where = dict(where or {})
+    filters = "".join(f' AND "{c}" = ?' for c in where)
     (n, h) = scalar_row(
-        con, f"SELECT count(*), coalesce(sum(hash(({row}))::HUGEINT), 0) FROM {table} WHERE category = ?", [category]
+        con, f"SELECT count(*), coalesce(sum(hash(({row}))::HUGEINT), 0) FROM {table} WHERE category = ?{filters}",
+        [category, *where.values()],
     )
     return hashlib.sha256(f"{table}:{','.join(columns)}:{n}:{h}".encode()).hexdigest()[:16]

@@ -168,3 +168,19 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert "cannot serve" in newest.manifest["promotion"]["reason"], newest.manifest["promotion"]["reason"]
         assert artifacts.pointer(root, "beauty", "current")["version"] == newest.version
 
+        # One more variant: its style's rows are added, the others' rows stay, so their finished runs are reused
+        # (the same weights, no epoch trained again) and only the new variant trains.
+        more = {**REC, "learning_rate": 1e-7, "variants": [*VARIANTS, "lora:text+recurrent"]}
+        added = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                               run_config={"ops": {"sft_examples": {"config": more}, "lora_adapter": {"config": more}}},
+                               selection=dg.AssetSelection.assets(sft_examples, lora_adapter))
+        assert added.success
+        grown = artifacts.load(root, "beauty", added.output_for_node("lora_adapter").version)
+        before = artifacts.load(root, "beauty", newest.version)
+        runs = grown.manifest["variants"]
+        assert [runs[v]["resumed_from_epoch"] for v in ("lora:fused+recurrent", "lora:text+none",
+                                                        "lora:text+recurrent")] == [2, 2, 0]
+        for v in ("lora:fused+recurrent", "lora:text+none"):
+            assert ((grown.adapter_path(v) / "adapter_model.safetensors").read_bytes()
+                    == (before.adapter_path(v) / "adapter_model.safetensors").read_bytes()), v
+

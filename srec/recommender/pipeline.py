@@ -212,12 +212,14 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
     return stats
 
 
-def sft_examples_version(con, category: str) -> str:
-    """Content hash of the category's sft_examples: every column but where things lie (the base model's path:
-    its fingerprint is a column; an image by its content-addressed file name), so a moved checkout's rows keep
-    their version, and training resumes or reuses its runs instead of starting again."""
+def sft_examples_version(con, category: str, style: str | None = None) -> str:
+    """Content hash of the category's sft_examples (of one prompt style: what one variant trains on): every
+    column but where things lie (the base model's path: its fingerprint is a column; an image by its
+    content-addressed file name), so a moved checkout's rows keep their version, and training resumes or
+    reuses its runs instead of starting again."""
     columns = [c for c in SFT_COLUMNS if c != "model"]
-    return partition_content_hash(con, "sft_examples", category, columns, file_name_columns=("image_path",))
+    return partition_content_hash(con, "sft_examples", category, columns, file_name_columns=("image_path",),
+                                  where={"style": style} if style else None)
 
 
 def example_settings(settings: RecommenderSettings, seed: int) -> dict:

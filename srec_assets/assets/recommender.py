@@ -155,8 +155,10 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
             slug = rec.variant_slug(variant)
             context.log.info(f"training {variant.name} on {loaded.describe()['parameters']:,}-parameter "
                              f"{recommender.model} ({loaded.device}, {loaded.dtype})")
+            # Its own style's rows, not the whole table's: adding a variant reuses the others' finished runs.
+            data_key = {**data, "sft_examples": rec.sft_examples_version(con, cfg.name, variant.style)}
             done = rec.train_variant(con, cfg.name, variant, loaded, settings, seed=cfg.seed, out_dir=staging / slug,
-                                     work_dir=root / "_work" / slug, data_key=json.dumps(data, sort_keys=True),
+                                     work_dir=root / "_work" / slug, data_key=json.dumps(data_key, sort_keys=True),
                                      items=items, log=context.log.info)
             entries[variant.name] = {"folder": slug, "prompt_version": done.prompt_version,
                                      "valid_users": done.valid_users, **done.result.as_dict()}
