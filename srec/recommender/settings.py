@@ -79,7 +79,7 @@ ALLOWED_HINT = (f"adapters {ADAPTERS}, modalities {MODALITIES}, preferences {PRE
 def no_summary_comparison(variants: list[str] | tuple[str, ...]) -> tuple[bool, str]:
     """(holds, what the report says): a report whose LLM rows read a preference summary must also have a row
     without one (preference ``none``: the chronological item list only). A third-party rerun of MLLM-MSR found
-    that plain list + SFT beating the recurrent summaries (DESIGN.md, "Reference numbers")."""
+    a plain list + SFT beating the recurrent summaries (DESIGN.md, "Reference numbers")."""
     parsed = [Variant.parse(v) for v in variants]
     with_summary = [v.name for v in parsed if v.preference != "none"]
     without = [v.name for v in parsed if v.preference == "none"]

@@ -83,7 +83,7 @@ class ReportConfig(dg.Config):
     partitions_def=category_partitions,
     group_name="report",
     kinds={"duckdb", "markdown"},
-    code_version="1",
+    code_version="2",  # 2: the header names the summary / no-summary comparison
     deps=[baseline_scores, recommender_scores, eval_candidates, interactions, item_images, item_captions],
     description="Every model by protocol (1+20, 1+99, full ranking): mean and bootstrap 95% CI over users.",
 )
