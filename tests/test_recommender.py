@@ -719,6 +719,10 @@ def test_promotion_gate_decisions():
     other_base = decide({"lora:a": 0.40}, "v2", None, "v1", 0.0, current_unusable="was trained on base fingerprint x")
     assert other_base.promoted and "promoted over v1, which was trained on base fingerprint x" in other_base.reason
     assert [r.current_valid_auc for r in other_base.rows] == [None]
+    # A rerun that reused its training runs stores the current version again: said so, not "first adapter".
+    same = decide({"lora:a": 0.55}, "v1", None, "v1", 0.0)
+    assert same.promoted and same.reason == "same content version as the current adapter"
+    assert same.current_version == "v1" and [r.current_valid_auc for r in same.rows] == [0.55]
     with pytest.raises(ValueError, match="margin"):
         decide({"lora:a": 0.5}, "v2", None, None, -0.1)
 

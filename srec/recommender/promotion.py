@@ -49,13 +49,14 @@ def decide(candidate: dict[str, float], candidate_version: str, current: dict[st
         rows = [GateRow(v, a, None, True) for v, a in candidate.items()]
         return PromotionDecision(True, f"promoted over {current_version}, which {current_unusable}", candidate_version,
                                  current_version, margin, rows)
+    if current_version is not None and current_version == candidate_version:
+        # The same weights and lineage (a rerun that reused its finished training runs): nothing to re-score.
+        rows = [GateRow(v, a, a, True) for v, a in candidate.items()]
+        return PromotionDecision(True, "same content version as the current adapter", candidate_version,
+                                 current_version, margin, rows)
     if current is None or current_version is None:
         rows = [GateRow(v, a, None, True) for v, a in candidate.items()]
         return PromotionDecision(True, "first adapter for the category: promoted", candidate_version, None, margin, rows)
-    if current_version == candidate_version:
-        rows = [GateRow(v, a, current.get(v, a), True) for v, a in candidate.items()]
-        return PromotionDecision(True, "same content version as the current adapter", candidate_version,
-                                 current_version, margin, rows)
     rows = [GateRow(v, a, current.get(v), current.get(v) is None or a >= current[v] - margin)
             for v, a in candidate.items()]
     failed = [r for r in rows if not r.passed]
