@@ -730,13 +730,13 @@ def test_promotion_gate_decisions():
 def test_store_moves_current_only_when_promoted(tmp_path):
     from srec.recommender import artifacts
 
-    def stored(name: str, promoted: bool | None):
+    def stored(name: str, promoted: bool | None, reason: str = "test"):
         folder = tmp_path / f"staging-{name}"
         (folder / "lora__a").mkdir(parents=True)
         (folder / "lora__a" / "adapter_model.safetensors").write_bytes(name.encode())
         manifest = {"category": "c", "variants": {"lora:a": {"folder": "lora__a", "best_valid_auc": 0.5}}}
         if promoted is not None:
-            manifest["promotion"] = {"promoted": promoted, "reason": "test"}
+            manifest["promotion"] = {"promoted": promoted, "reason": reason}
         return artifacts.store(artifacts.stage(folder, manifest), tmp_path / "root", "c", run_id=name)
 
     assert artifacts.load_current(tmp_path / "root", "c") is None
@@ -748,6 +748,15 @@ def test_store_moves_current_only_when_promoted(tmp_path):
     current = artifacts.pointer(tmp_path / "root", "c", "current")
     assert current["version"] == third.version and current["decision"]["promoted"] is True
     assert artifacts.load(tmp_path / "root", "c", kept.version).manifest["promotion"]["promoted"] is False
+    # The same version again (a rerun that reused its training): the files stay in place (a scoring run may
+    # have them open), the manifest and the pointers are this run's.
+    weights = third.folder / "lora__a" / "adapter_model.safetensors"
+    inode = weights.stat().st_ino
+    again = stored("three", True, "same content version as the current adapter")
+    assert again.version == third.version and weights.stat().st_ino == inode
+    assert artifacts.pointer(tmp_path / "root", "c", "current")["run_id"] == "three"
+    assert not (tmp_path / "staging-three").exists()
+    assert artifacts.load(tmp_path / "root", "c", third.version).manifest["promotion"]["reason"].startswith("same")
 
 
 def test_adapter_version_is_its_content_not_where_the_base_lies(tmp_path):

@@ -82,9 +82,15 @@ def store(staged: AdapterSet, root: Path, category: str, run_id: str | None = No
     too when the manifest's promotion decision promoted it (a manifest without one is promoted)."""
     dest = Path(root) / category / staged.version
     if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(staged.folder), dest)
+        # The same version is the same content (content_version), e.g. a rerun that reused its training runs:
+        # keep the files a scoring run may be reading, take this run's manifest (its decision) atomically.
+        tmp = dest / f"{MANIFEST}.tmp"
+        shutil.copyfile(staged.folder / MANIFEST, tmp)
+        tmp.replace(dest / MANIFEST)
+        shutil.rmtree(staged.folder)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(staged.folder), dest)
     ref = {"version": staged.version, "path": str(dest), "run_id": run_id}
     _write_pointer(dest.parent / LATEST, ref)
     promotion = staged.manifest.get("promotion") or {"promoted": True}
