@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import duckdb
 
-from srec.tables import TABLES, create_table_sql
+from srec.tables import TABLES, create_table_sql, table_columns
 
 
 def scalar_row(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> tuple:
@@ -29,8 +29,30 @@ def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, names: Iterable[str] | None = None) -> None:
+    """Create the tables that do not exist yet, and add the columns a newer srec declares to those that do."""
     for name in names or TABLES:
         con.execute(create_table_sql(name))
+        add_missing_columns(con, name)
+
+
+class SchemaMigrationError(RuntimeError):
+    """A database table lacks a column that cannot be added in place."""
+
+
+def add_missing_columns(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
+    """Add to an existing table the nullable columns its definition declares and it lacks (a database written by
+    an older srec); their old rows read NULL. A missing NOT NULL column has no value for those rows: that is an
+    error naming the table and the column, not a silent default. Returns the columns added."""
+    have = {r[0] for r in con.execute(f"DESCRIBE {name}").fetchall()}
+    missing = [c for c in table_columns(name) if c.name not in have]
+    required = [c.name for c in missing if not c.nullable]
+    if required:
+        raise SchemaMigrationError(
+            f"table {name} of this database lacks the NOT NULL column(s) {required}, which this srec writes: it was "
+            f"written by an older srec; drop the table (DROP TABLE {name}) and materialize its asset again")
+    for c in missing:
+        con.execute(f'ALTER TABLE {name} ADD COLUMN "{c.name}" {c.sql_type}')
+    return [c.name for c in missing]
 
 
 def replace_partition(

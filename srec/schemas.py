@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 
 import json
-import re
 from dataclasses import dataclass
 
 import duckdb
@@ -27,7 +26,8 @@ import pandera.pandas as pa
 
 from srec.config import FilterSettings
 from srec.db import table_exists
-from srec.tables import FULL_RANKING, PROTOCOLS_SAMPLED, TABLES
+from srec.tables import FULL_RANKING, PROTOCOLS_SAMPLED, TABLES, ColumnDef
+from srec.tables import table_columns as declared_columns
 
 # Copy of srec.ingest.QUARANTINE_REASONS, used when that module cannot be imported.
 _QUARANTINE_REASONS_FALLBACK = (
@@ -89,13 +89,6 @@ def quarantine_reasons() -> tuple[str, ...]:
 
 # --- column types from the table definitions -----------------------------------------------------
 
-@dataclass(frozen=True)
-class ColumnDef:
-    name: str
-    sql_type: str
-    nullable: bool
-
-
 _NOT_NULL_DTYPES = {"VARCHAR": "object", "BIGINT": "int64", "INTEGER": "int32", "TINYINT": "int8",
                     "DOUBLE": "float64", "BOOLEAN": "bool"}
 _NULLABLE_DTYPES = {"VARCHAR": "object", "BIGINT": pd.Int64Dtype(), "INTEGER": pd.Int32Dtype(),
@@ -103,17 +96,11 @@ _NULLABLE_DTYPES = {"VARCHAR": "object", "BIGINT": pd.Int64Dtype(), "INTEGER": p
 
 
 def table_columns(table: str) -> list[ColumnDef]:
-    """The columns of ``table`` as declared in ``srec.tables.TABLES``, in order."""
-    body = re.sub(r"--[^\n]*", "", TABLES[table])
-    cols = []
-    for part in body.split(","):
-        words = part.split()
-        if not words:
-            continue
-        name, sql_type = words[0], words[1].upper()
-        if sql_type not in _NOT_NULL_DTYPES:
-            raise ValueError(f"table {table}: column {name} has type {sql_type}, which srec.schemas does not map")
-        cols.append(ColumnDef(name, sql_type, "NOT NULL" not in " ".join(words[2:]).upper()))
+    """The columns of ``table`` as declared in ``srec.tables.TABLES``, in order (types srec.schemas maps)."""
+    cols = declared_columns(table)
+    for c in cols:
+        if c.sql_type not in _NOT_NULL_DTYPES:
+            raise ValueError(f"table {table}: column {c.name} has type {c.sql_type}, which srec.schemas does not map")
     return cols
 
 
@@ -270,6 +257,7 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
             "model": [_non_empty_str()], "variant": [_non_empty_str()], "base_model": [_non_empty_str()],
             "base_fingerprint": [_non_empty_str()], "valid_auc": unit, "prompt_version": [_non_empty_str()],
             "device": [_non_empty_str()], "rows": [pa.Check.ge(1)], "seconds": [_finite(), pa.Check.ge(0)],
+            "scoring_key": [_non_empty_str()], "scored_run_id": [_non_empty_str()], "scored_at": [_finite()],
         },
         "lora_adapter_history": {
             "version": [_non_empty_str()], "created_at": [_finite()], "variant": [_non_empty_str()],

@@ -5,6 +5,9 @@ replaces exactly its category's rows (see ``srec.db.replace_partition``).
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 TABLES: dict[str, str] = {
     # One row per interaction that survived ingest, in source order.
     "raw_reviews": """
@@ -290,7 +293,11 @@ TABLES: dict[str, str] = {
         prompt_version VARCHAR NOT NULL,
         device VARCHAR NOT NULL,
         rows BIGINT NOT NULL,
-        seconds DOUBLE NOT NULL
+        seconds DOUBLE NOT NULL,     -- scoring time (of the run that scored them, when reused)
+        -- Added after the first release (NULL in rows from before; srec.db.add_missing_columns adds them):
+        scoring_key VARCHAR,         -- what the scores depend on (srec.recommender.pipeline.scoring_key)
+        scored_run_id VARCHAR,       -- the Dagster run that computed the scores: an earlier one when reused
+        scored_at DOUBLE             -- unix seconds, when they were computed
     """,
     # One row per (lora_adapter materialization, variant): what the regression check compares.
     "lora_adapter_history": """
@@ -336,3 +343,21 @@ FULL_RANKING = "full_ranking"
 
 def create_table_sql(name: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {name} ({TABLES[name]})"
+
+
+@dataclass(frozen=True)
+class ColumnDef:
+    name: str
+    sql_type: str
+    nullable: bool
+
+
+def table_columns(table: str) -> list[ColumnDef]:
+    """The columns of ``table`` as declared in ``TABLES``, in order."""
+    body = re.sub(r"--[^\n]*", "", TABLES[table])
+    cols = []
+    for part in body.split(","):
+        words = part.split()
+        if words:
+            cols.append(ColumnDef(words[0], words[1].upper(), "NOT NULL" not in " ".join(words[2:]).upper()))
+    return cols

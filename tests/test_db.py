@@ -1,7 +1,10 @@
+import re
+
 import duckdb
 import pytest
 
-from srec.db import partition_content_hash, replace_partition
+from srec.db import SchemaMigrationError, ensure_tables, partition_content_hash, replace_partition
+from srec.tables import TABLES
 
 
 def _con(tmp_path):
@@ -63,6 +66,33 @@ def test_content_hash_reads_content_addressed_paths_by_file_name(tmp_path):
     assert version("/work/a/data/normalized/5b/5bcd.png", None) != v              # another image
     assert version("/work/a/data/normalized/4a/4abc.png", "/work/a/x/4abc.png") != v
     assert partition_content_hash(con, "t", "x") != partition_content_hash(con, "t", "x", file_name_columns=["image_path"])
+
+
+def test_ensure_tables_adds_the_nullable_columns_an_older_database_lacks(tmp_path, monkeypatch):
+    """A database written before recommender_runs recorded its scoring key: the columns are added, its row kept
+    with NULLs there, and writing the new columns works. A NOT NULL column cannot be added: a clear error."""
+    con = _con(tmp_path)
+    before = TABLES["recommender_runs"].split("-- Added after the first release")[0]
+    old = re.sub(r"--[^\n]*", "", before).strip().rstrip(",")
+    assert "scoring_key" not in old
+    con.execute(f"CREATE TABLE recommender_runs ({old})")
+    con.execute("INSERT INTO recommender_runs VALUES ('beauty', 'm', 'zero-shot', 'b', 'f', true, NULL, NULL, NULL, "
+                "'p', 'cpu', 21, 1.5)")
+    ensure_tables(con)
+    cols = [r[0] for r in con.execute("DESCRIBE recommender_runs").fetchall()]
+    assert cols[-3:] == ["scoring_key", "scored_run_id", "scored_at"]
+    assert con.execute("SELECT model, rows, scoring_key, scored_at FROM recommender_runs").fetchall() == [
+        ("m", 21, None, None)]
+    con.execute("CREATE TEMP TABLE old_rows AS SELECT * FROM recommender_runs")
+    replace_partition(con, "recommender_runs", "beauty",
+                      "SELECT * REPLACE ('k' AS scoring_key, 'r' AS scored_run_id, 1.0 AS scored_at) FROM old_rows")
+    assert con.execute("SELECT scoring_key, scored_at FROM recommender_runs").fetchall() == [("k", 1.0)]
+    ensure_tables(con)  # nothing more to add
+    assert len(con.execute("DESCRIBE recommender_runs").fetchall()) == len(cols)
+
+    monkeypatch.setitem(TABLES, "recommender_runs", TABLES["recommender_runs"] + ",\n        added BIGINT NOT NULL")
+    with pytest.raises(SchemaMigrationError, match=r"recommender_runs .*NOT NULL column\(s\) \['added'\]"):
+        ensure_tables(con, ["recommender_runs"])
 
 
 def test_storage_resource_creates_tables_and_folders(storage):

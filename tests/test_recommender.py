@@ -797,3 +797,37 @@ def test_batches_are_planned_by_length_to_save_padding():
     assert plan_batches([], max_batch=4) == []
     # Under a binding sliding window: no padding, one length a batch, still every candidate once.
     assert plan_batches([5, 7, 5, 7, 7, 9, 5], max_batch=2, equal_lengths=True) == [[0, 2], [6], [1, 3], [4], [5]]
+
+
+def test_scoring_key_follows_every_input_of_the_scores_but_not_the_batch_size():
+    """What recommender_scores reuses stored scores by: any change to the inputs' hashes, the base's fingerprint or
+    numerics, the device type, the adapter files, the prompt settings, the protocols or the variant gives another
+    key; the candidate batch size (padding only) and the device index do not."""
+    from types import SimpleNamespace
+
+    from srec.recommender.pipeline import scoring_key
+
+    def base_model(fingerprint="f1", dtype="float32", device="cpu"):
+        return SimpleNamespace(fingerprint=fingerprint, device=device,
+                               identity=SimpleNamespace(generation=(("dtype", dtype), ("quantization", "none"))))
+
+    inputs = {"eval_candidates": "a", "caption_snapshot": "c", "preference_snapshot": "p"}
+    variant, settings = Variant.parse("lora:fused+recurrent"), RecommenderSettings()
+
+    def key(inputs=inputs, variant=variant, loaded=base_model(), settings=settings, model_name="m", adapter="h1"):
+        return scoring_key(inputs, variant, loaded, settings, model_name=model_name, adapter=adapter)
+
+    base = key()
+    assert key() == base
+    assert key(settings=RecommenderSettings(score_batch_size=4)) == base
+    assert key(loaded=base_model(device="cuda:0")) == key(loaded=base_model(device="cuda:1")) != base
+    changed = {
+        "captions": key(inputs={**inputs, "caption_snapshot": "c2"}),
+        "candidates": key(inputs={**inputs, "eval_candidates": "a2"}),
+        "base": key(loaded=base_model(fingerprint="f2")), "bf16": key(loaded=base_model(dtype="bfloat16")),
+        "adapter": key(adapter="h2"), "zero-shot": key(adapter=None), "name": key(model_name="m2"),
+        "history": key(settings=RecommenderSettings(history_items=5)),
+        "protocols": key(settings=RecommenderSettings(protocols=("1+20", "1+99"))),
+        "variant": key(variant=Variant.parse("lora:fused+none")),
+    }
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed

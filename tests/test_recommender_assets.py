@@ -10,6 +10,7 @@ from peft import PeftModel
 from srec.models.runner import LoadedModel, RunnerSettings
 from srec.recommender import artifacts
 from srec.recommender.pipeline import sft_examples_version
+from srec.recommender.settings import Variant
 from srec_assets.assets.baselines import baseline_scores
 from srec_assets.assets.ingest import raw_items, raw_reviews
 from srec_assets.assets.mllm import item_captions, item_images, user_preferences
@@ -35,6 +36,31 @@ RUN_CONFIG = {"ops": {
 def _checks(result) -> dict[str, bool]:
     return {e.event_specific_data.check_name: e.event_specific_data.passed for e in result.all_events
             if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION}
+
+
+def _scoring(database) -> dict:
+    """recommender_scores' rows and, per variant, the run that scored them and the scoring key."""
+    with duckdb.connect(database, read_only=True) as con:
+        runs = con.execute("SELECT variant, scored_run_id, scoring_key FROM recommender_runs ORDER BY 1").fetchall()
+        scores = [r[0] for r in con.execute("SELECT score FROM recommender_scores ORDER BY model, split, protocol, "
+                                            "user_id, slot").fetchall()]
+    return {"runs": {v: r for v, r, _ in runs}, "keys": {v: k for v, _, k in runs}, "scores": scores}
+
+
+def _expected_scoring(runs: dict, scored: artifacts.AdapterSet, serving: artifacts.AdapterSet) -> dict:
+    """Per variant, the run expected to have scored it after recommender_scores runs on ``serving``: the one in
+    ``runs`` where its adapter files equal those of ``scored`` (what that run used) and for zero-shot; None (this
+    run) where they changed."""
+    return {v: r if v not in serving.manifest["variants"] or artifacts.adapter_files_hash(scored.adapter_path(v))
+            == artifacts.adapter_files_hash(serving.adapter_path(v)) else None for v, r in runs.items()}
+
+
+def _materialize_scores(resources, instance, config) -> tuple[str, dg.AssetMaterialization]:
+    done = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                          run_config={"ops": {"recommender_scores": {"config": config}}},
+                          selection=dg.AssetSelection.assets(recommender_scores))
+    assert done.success
+    return done.run_id, done.asset_materializations_for_node("recommender_scores")[0]
 
 
 @pytest.mark.slow
@@ -67,6 +93,22 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
                              ).fetchall()[0][0]
         assert con.execute("SELECT count(*) FROM recommender_scores").fetchall()[0][0] == 3 * n_test
         con.close()
+
+        # Nothing changed: recommender_scores keeps every variant's stored scores (the same rows, the same version)
+        # instead of scoring them again; rescore: true scores them all again, to the same values.
+        first = _scoring(storage.database)
+        assert set(first["runs"].values()) == {result.run_id}
+        _, kept = _materialize_scores(resources, instance, REC)
+        assert kept.metadata["reused_variants"].value == [Variant.parse(v).name for v in VARIANTS] and "reused (run" in kept.metadata["models"].value
+        again_scored = _scoring(storage.database)
+        assert again_scored["runs"] == first["runs"] and again_scored["scores"] == first["scores"]
+        assert kept.tags["dagster/data_version"] == result.asset_materializations_for_node(
+            "recommender_scores")[0].tags["dagster/data_version"]
+        forced_run, forced = _materialize_scores(resources, instance, {**REC, "rescore": True})
+        assert forced.metadata["reused_variants"].value == []
+        rescored = _scoring(storage.database)
+        assert set(rescored["runs"].values()) == {forced_run} and rescored["keys"] == first["keys"]
+        assert max(abs(a - b) for a, b in zip(rescored["scores"], first["scores"])) < 1e-6
 
         # The rows' version does not depend on where the checkout lies: the same rows with the base model and the
         # content-addressed images under another folder keep it; a changed answer does not.
@@ -139,6 +181,12 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         current = artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "current")["version"]
         assert current == (new.version if promoted else out.version)
         assert artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "latest")["version"] == new.version
+        # Scoring the serving adapter: a variant whose adapter files changed is scored again, the rest kept.
+        serving = artifacts.load(tmp_path / "artifacts" / "lora_adapter", "beauty", current)
+        expected = _expected_scoring(_scoring(storage.database)["runs"], out, serving)
+        assert any(r is None for r in expected.values()), "the retrained adapter must change a variant's files"
+        run_id, _ = _materialize_scores(resources, instance, REC)
+        assert _scoring(storage.database)["runs"] == {v: r or run_id for v, r in expected.items()}
 
         # Run config that differs from what built the rows the adapter learned from is an error naming the
         # setting, not validation (or test) prompts silently built another way.
@@ -156,6 +204,7 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         # serve this base, so a retrain replaces it whatever the figures, and recommender_scores runs again.
         root = tmp_path / "artifacts" / "lora_adapter"
         current = artifacts.load_current(root, "beauty")
+        before_replace = _scoring(storage.database)["runs"]
         manifest_file = current.folder / "manifest.json"
         manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "base_fingerprint": "0" * 16}))
         replaced = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
@@ -167,6 +216,9 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert newest.manifest["promotion"]["promoted"] is True
         assert "cannot serve" in newest.manifest["promotion"]["reason"], newest.manifest["promotion"]["reason"]
         assert artifacts.pointer(root, "beauty", "current")["version"] == newest.version
+        # A variant whose adapter files changed was scored in this run; the others (zero-shot always) were kept.
+        expected = _expected_scoring(before_replace, serving, artifacts.load(root, "beauty", newest.version))
+        assert _scoring(storage.database)["runs"] == {v: r or replaced.run_id for v, r in expected.items()}
 
         # One more variant: its style's rows are added, the others' rows stay, so their finished runs are reused
         # (the same weights, no epoch trained again) and only the new variant trains.

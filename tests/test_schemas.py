@@ -138,6 +138,7 @@ GOOD: dict[str, dict[str, list]] = {
         "base_fingerprint": ["f", "f"], "tiny_random_weights": [True, True], "adapter_path": ["/a/x", None],
         "adapter_version": ["v1", None], "valid_auc": [0.55, None], "prompt_version": ["p", "p"],
         "device": ["cpu", "cpu"], "rows": [21, 21], "seconds": [1.5, 1.2],
+        "scoring_key": ["k1", None], "scored_run_id": ["r1", None], "scored_at": [1.7e9, None],  # None: older srec
     },
     "lora_adapter_history": {
         "category": ["c", "c"], "version": ["v1", "v2"], "run_id": ["r1", "r2"], "created_at": [1.7e9, 1.8e9],

@@ -56,13 +56,25 @@ def _adapter_file_bytes(path: Path) -> bytes | None:
     return path.read_bytes()
 
 
+def _hash_adapter_files(h, folder: Path) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and (content := _adapter_file_bytes(p)) is not None:
+            h.update(f"{p.relative_to(folder).as_posix()}\x00".encode())
+            h.update(hashlib.sha256(content).digest())
+
+
+def adapter_files_hash(folder: Path) -> str:
+    """Hash of one variant's adapter files (``_adapter_file_bytes``): the same weights and config, wherever they lie
+    and whichever set holds them."""
+    h = hashlib.sha256()
+    _hash_adapter_files(h, Path(folder))
+    return h.hexdigest()[:16]
+
+
 def content_version(folder: Path, manifest: dict) -> str:
     """Hash of every adapter file (``_adapter_file_bytes``) plus the manifest's lineage fields (not its timings)."""
     h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST and (content := _adapter_file_bytes(p)) is not None:
-            h.update(f"{p.relative_to(folder)}\x00".encode())
-            h.update(hashlib.sha256(content).digest())
+    _hash_adapter_files(h, folder)
     # The base by its fingerprint, not its path: the same adapter trained in a moved checkout is the same version.
     lineage = {k: manifest.get(k) for k in ("category", "base_fingerprint", "data", "settings")}
     h.update(json.dumps(lineage, sort_keys=True, default=str).encode())

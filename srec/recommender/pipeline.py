@@ -477,6 +477,81 @@ def write_scores(con, category: str, frame: pd.DataFrame) -> int:
     return write_table(con, "recommender_scores", category, frame[cols], {"slot": "INTEGER", "score": "DOUBLE"})
 
 
+# --- reusing scores -----------------------------------------------------------------------------------
+
+# What recommender_scores computes from the same inputs: its code_version, and part of every scoring key, so
+# changed scoring code scores afresh instead of reusing rows from before the change.
+# 2: sliding-window models score on their whole prefix; Qwen-VL, Idefics3 / SmolVLM, Gemma 3
+SCORING_CODE_VERSION = "2"
+RUN_SCORING_COLUMNS = ["scoring_key", "scored_run_id", "scored_at"]
+
+
+def scoring_inputs(con, category: str) -> dict[str, str]:
+    """Content hashes of every table a variant's test prompts read (``eval_prompts``, ``load_items``): with the
+    model, the adapter and the settings, what a variant's scores depend on. Paths are hashed by file name (the
+    images are content-addressed), so a moved checkout keeps its keys."""
+    from srec.captions import caption_snapshot  # noqa: PLC0415 (lazy: keeps this module's import light)
+    from srec.preferences import preference_snapshot  # noqa: PLC0415
+
+    return {
+        "eval_candidates": partition_content_hash(con, "eval_candidates", category),
+        "interactions": partition_content_hash(con, "interactions", category),
+        "raw_items": partition_content_hash(
+            con, "raw_items", category, ["item_id", "title", "brand", "categories", "description", "source_file",
+                                         "source_line"], file_name_columns=["source_file"]),
+        "item_images": partition_content_hash(con, "item_images", category,
+                                              ["item_id", "status", "image_path", "image_sha256"],
+                                              file_name_columns=["image_path"]),
+        "caption_snapshot": caption_snapshot(con, category),
+        "preference_snapshot": preference_snapshot(con, category),
+    }
+
+
+def scoring_key(inputs: dict[str, str], variant: Variant, loaded, settings: RecommenderSettings, *,
+                model_name: str, adapter: str | None) -> str:
+    """Everything a variant's stored scores depend on: the inputs' hashes, the base by its fingerprint and
+    numerics (dtype, quantization, device type: greedy reasoning steps and scores differ across them in the last
+    digits), the adapter's files (``artifacts.adapter_files_hash``; None for zero-shot), the prompt settings and
+    versions, the protocols and this code. Not the candidate batch size: it changes padding only."""
+    return run_key({
+        "code": SCORING_CODE_VERSION, "inputs": inputs, "variant": variant.name, "model_name": model_name,
+        "prompt_version": style_prompt_versions(variant), "prompts": settings.prompt_json(),
+        "protocols": sorted(settings.protocols), "splits": ["test"],
+        "base": {"fingerprint": loaded.fingerprint, "numerics": dict(loaded.identity.generation),
+                 "device": str(loaded.device).split(":")[0]},
+        "adapter": adapter,
+    })
+
+
+@dataclass(frozen=True)
+class StoredScores:
+    frame: pd.DataFrame           # recommender_scores rows of one model name
+    scored: ScoredVariant
+    run: dict                     # its recommender_runs row
+
+
+def reusable_scores(con, category: str, variant: Variant, model_name: str, key: str) -> StoredScores | None:
+    """The scores the last materialization stored for ``model_name`` under the same scoring key, when all of its
+    rows are still there; None otherwise (score afresh)."""
+    rows = con.execute("SELECT * FROM recommender_runs WHERE category = ? AND model = ? AND variant = ? AND "
+                       "scoring_key = ?", [category, model_name, variant.name, key]).df()
+    if len(rows) != 1:
+        return None
+    run = rows.iloc[0].to_dict()
+    frame = con.execute("SELECT category, model, split, protocol, user_id, slot, item_id, score FROM "
+                        "recommender_scores WHERE category = ? AND model = ? ORDER BY split, protocol, user_id, slot",
+                        [category, model_name]).df()
+    if len(frame) != int(run["rows"]):
+        return None
+    aucs = {}
+    for protocol, part in frame[frame["split"] == "test"].groupby("protocol"):
+        aucs[protocol] = mean_auc(part["score"].to_numpy(), int(part["slot"].max()) + 1)
+    seconds = float(run["seconds"])
+    scored = ScoredVariant(variant.name, model_name, len(frame), int(frame["user_id"].nunique()), seconds,
+                           len(frame) / seconds if seconds else 0.0, aucs)
+    return StoredScores(frame, scored, run)
+
+
 ADAPTER_HISTORY_COLUMNS = ["category", "version", "run_id", "created_at", "variant", "valid_auc", "base_valid_auc",
                            "best_epoch"]
 

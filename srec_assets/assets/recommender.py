@@ -46,7 +46,9 @@ class RecommenderConfig(dg.Config):
 def recommender_settings(context, config: RecommenderConfig) -> RecommenderSettings:
     cfg = category_config(context)
     try:
-        return RecommenderSettings.from_mapping(cfg.recommender, **config.model_dump())
+        # RecommenderConfig's fields only: a subclass adds switches for one run that are not settings (rescore)
+        return RecommenderSettings.from_mapping(cfg.recommender, **config.model_dump(
+            include=set(RecommenderConfig.model_fields)))
     except ValueError as e:
         raise dg.Failure(f"recommender settings for {cfg.name!r}: {e}") from e
 
@@ -250,17 +252,26 @@ def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner
     return decision
 
 
+class ScoringConfig(RecommenderConfig):
+    """RecommenderConfig, plus: ``rescore`` scores every variant afresh, even one whose stored scores have the
+    same scoring key (the same inputs, model, adapter files, prompt settings and code)."""
+
+    rescore: bool = False
+
+
 @dg.asset(
     pool="gpu",
     partitions_def=category_partitions,
     group_name="recommender",
     kinds={"duckdb", "pytorch"},
-    code_version="2",  # 2: sliding-window models score on their whole prefix; Qwen-VL, Idefics3 / SmolVLM, Gemma 3
+    code_version=rec.SCORING_CODE_VERSION,
     deps=[eval_candidates, user_preferences, item_captions, item_images],
     description=("P(yes) / (P(yes) + P(no)) at the answer position for every stored test candidate, one forward "
-                 "pass, the user's prompt prefix encoded once; one model name per variant, zero-shot included."),
+                 "pass, the user's prompt prefix encoded once; one model name per variant, zero-shot included. "
+                 "A variant whose scoring key is unchanged keeps its stored scores (run config rescore: true "
+                 "scores it again)."),
 )
-def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderConfig, storage: SrecStorage,
+def recommender_scores(context: dg.AssetExecutionContext, config: ScoringConfig, storage: SrecStorage,
                        recommender: ModelRunner, lora_adapter: artifacts.AdapterSet) -> dg.MaterializeResult:
     from peft import PeftModel  # noqa: PLC0415
 
@@ -273,9 +284,10 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
         raise dg.Failure(f"adapter {lora_adapter.version} was trained on prompts built with other settings than this "
                          f"run's ({'; '.join(diffs)}): score with the adapter's settings, or retrain lora_adapter with "
                          "these")
-    frames, runs, summary = [], [], []
+    frames, runs, summary, reused = [], [], [], []
     with storage.connect() as con:
         items = load_items(con, cfg.name)
+        inputs = rec.scoring_inputs(con, cfg.name)
         for variant in settings.parsed_variants:
             loaded = _load_base(recommender, variant)
             tiny = rec.is_tiny_model(loaded.folder)
@@ -290,28 +302,44 @@ def recommender_scores(context: dg.AssetExecutionContext, config: RecommenderCon
                     raise dg.Failure(f"adapter {lora_adapter.version} was trained on base fingerprint "
                                      f"{lora_adapter.manifest.get('base_fingerprint')}, the recommender is "
                                      f"{loaded.fingerprint}: retrain lora_adapter")
-                model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
             name = rec.report_model_name(variant, recommender.model, tiny)
-            frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
-                                              items=items, log=context.log.info)
+            key = rec.scoring_key(inputs, variant, loaded, settings, model_name=name,
+                                  adapter=artifacts.adapter_files_hash(path) if path else None)
+            stored = None if config.rescore else rec.reusable_scores(con, cfg.name, variant, name, key)
+            if stored is not None:
+                frame, scored = stored.frame, stored.scored
+                origin = {"scored_run_id": stored.run["scored_run_id"], "scored_at": stored.run["scored_at"],
+                          "device": stored.run["device"]}
+                reused.append(variant.name)
+                context.log.info(f"{variant.name}: inputs, model, adapter files and settings unchanged (scoring key "
+                                 f"{key[:16]}): kept the {scored.rows:,} scores of run {origin['scored_run_id']}")
+            else:
+                if path is not None:
+                    model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
+                frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
+                                                  items=items, log=context.log.info)
+                origin = {"scored_run_id": context.run.run_id, "scored_at": time.time(), "device": loaded.device}
             frames.append(frame)
             runs.append({"category": cfg.name, "model": name, "variant": variant.name,
                          "base_model": recommender.model, "base_fingerprint": loaded.fingerprint,
                          "tiny_random_weights": tiny, "adapter_path": str(path) if path else None,
                          "adapter_version": lora_adapter.version if path else None,
                          "valid_auc": entry["best_valid_auc"] if entry else None,
-                         "prompt_version": rec.style_prompt_versions(variant), "device": loaded.device,
-                         "rows": scored.rows, "seconds": scored.seconds})
+                         "prompt_version": rec.style_prompt_versions(variant), "device": origin["device"],
+                         "rows": scored.rows, "seconds": scored.seconds, "scoring_key": key,
+                         "scored_run_id": origin["scored_run_id"], "scored_at": origin["scored_at"]})
             summary.append({"model": name, "users": scored.users, "rows": scored.rows,
                             **{f"test AUC {p}": round(a, 4) for p, a in scored.auc.items()},
-                            "candidates/s": round(scored.candidates_per_second, 1)})
+                            "candidates/s": round(scored.candidates_per_second, 1),
+                            "scored": "this run" if stored is None else f"reused (run {origin['scored_run_id']})"})
         rows = rec.write_scores(con, cfg.name, pd.concat(frames, ignore_index=True))
-        rec.write_table(con, "recommender_runs", cfg.name, pd.DataFrame(runs))
+        rec.write_table(con, "recommender_runs", cfg.name, pd.DataFrame(runs), {"scored_at": "DOUBLE"})
         version = partition_content_hash(con, "recommender_scores", cfg.name)
     return dg.MaterializeResult(
         metadata={"rows": rows, "models": dg.MetadataValue.md(pd.DataFrame(summary).to_markdown(index=False)),
                   "adapter_version": lora_adapter.version, "protocols": dg.MetadataValue.json(list(settings.protocols)),
                   "preference_modes": dg.MetadataValue.json(sorted(variant_needs(settings.parsed_variants))),
+                  "reused_variants": dg.MetadataValue.json(reused),
                   "scoring": "one forward pass per candidate batch on the user's cached prompt prefix; "
                              "P(yes)/(P(yes)+P(no)) at the answer position"},
         data_version=dg.DataVersion(version),

@@ -46,8 +46,8 @@ def _mllm_inputs(con, category: str) -> dict:
         out["item_captions"] = "; ".join(f"{c} captions by {m} (fingerprint {f}), prompts {v}" for m, f, v, c in captions)
         out["caption_snapshot"] = caption_snapshot(con, category)
     runs = con.execute(
-        "SELECT model, base_model, base_fingerprint, tiny_random_weights, adapter_version, valid_auc, prompt_version "
-        "FROM recommender_runs WHERE category = ? ORDER BY model", [category]).fetchall()
+        "SELECT model, base_model, base_fingerprint, tiny_random_weights, adapter_version, valid_auc, prompt_version, "
+        "scored_run_id FROM recommender_runs WHERE category = ? ORDER BY model", [category]).fetchall()
     variants = llm_variants(con, category)
     if variants:
         out["no_summary_comparison"] = no_summary_comparison(variants)[1]
@@ -57,7 +57,8 @@ def _mllm_inputs(con, category: str) -> dict:
         out["llm_models"] = "; ".join(
             f"`{m}`: base {b} (fingerprint {f}{tiny_note if t else ''}), "
             + (f"adapter {a} (best valid AUC {v:.4f})" if a else "no fine-tuning (zero-shot)") + f", prompts {p}"
-            for m, b, f, t, a, v, p in runs)
+            + (f", scored in Dagster run {r}" if r else "")  # an earlier run's when its scoring key was unchanged
+            for m, b, f, t, a, v, p, r in runs)
     return out
 
 
