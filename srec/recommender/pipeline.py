@@ -483,7 +483,6 @@ def write_scores(con, category: str, frame: pd.DataFrame) -> int:
 # changed scoring code scores afresh instead of reusing rows from before the change.
 # 2: sliding-window models score on their whole prefix; Qwen-VL, Idefics3 / SmolVLM, Gemma 3
 SCORING_CODE_VERSION = "2"
-RUN_SCORING_COLUMNS = ["scoring_key", "scored_run_id", "scored_at"]
 
 
 def scoring_inputs(con, category: str) -> dict[str, str]:
