@@ -831,3 +831,25 @@ def test_scoring_key_follows_every_input_of_the_scores_but_not_the_batch_size():
         "variant": key(variant=Variant.parse("lora:fused+none")),
     }
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
+
+
+def test_finished_run_is_reused_only_with_its_key_and_best_adapter(tmp_path):
+    import json
+
+    from srec.recommender.pipeline import FINISHED, finished_run
+    from srec.recommender.training import TrainResult, best_adapter_dir
+
+    work = tmp_path / "work"
+    assert finished_run(work, "k1") is None  # nothing there
+    best_adapter_dir(work).mkdir(parents=True)
+    result = TrainResult(epochs_run=3, best_epoch=2, best_valid_auc=0.61, history=[{"epoch": e} for e in (1, 2, 3)],
+                         seconds=12.5, resumed_from_epoch=1)
+    (work / FINISHED).write_text(json.dumps({"run_key": "k1", "valid_users": 7, "result": result.as_dict()}))
+    assert finished_run(work, "k1") is None  # no best adapter (a checkpoint cleared by another run)
+    (best_adapter_dir(work) / "adapter_model.safetensors").write_bytes(b"weights")
+    done, users = finished_run(work, "k1")
+    assert users == 7 and done.best_epoch == 2 and done.best_valid_auc == 0.61 and len(done.history) == 3
+    assert done.resumed_from_epoch == 3 and done.seconds == 0.0  # nothing trained in this call
+    assert finished_run(work, "k2") is None  # another configuration or data
+    (work / FINISHED).write_text("{not json")
+    assert finished_run(work, "k1") is None

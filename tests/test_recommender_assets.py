@@ -233,6 +233,7 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert [runs[v]["resumed_from_epoch"] for v in ("lora:fused+recurrent", "lora:text+none",
                                                         "lora:text+recurrent")] == [2, 2, 0]
         for v in ("lora:fused+recurrent", "lora:text+none"):
+            assert runs[v]["seconds"] == 0.0, runs[v]  # finished runs: nothing encoded, validated or trained
             assert ((grown.adapter_path(v) / "adapter_model.safetensors").read_bytes()
                     == (before.adapter_path(v) / "adapter_model.safetensors").read_bytes()), v
 

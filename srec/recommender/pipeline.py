@@ -367,19 +367,48 @@ def train_variant(con, category: str, variant: Variant, loaded, settings: Recomm
                   log: Log = print) -> TrainedVariant:
     """Train one variant's adapter on its style's sft_examples; the best epoch's adapter goes to ``out_dir``.
     ``items``: ``load_items(con, category)``."""
-    encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
-    rows = load_train_rows(con, category, variant.style, encoder, loaded)
-    n_valid, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
     key = run_key(TRAINING_CODE_VERSION, variant.name, settings.training_json(), loaded.fingerprint, data_key, seed)
-    model, result = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
-                               device=loaded.device, dtype=loaded.dtype, work_dir=work_dir, run_key=key,
-                               quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),
-                               log=lambda m: log(f"{variant.name}: {m}"))
+    finished = finished_run(work_dir, key)
+    if finished is not None:  # the same run completed before: its best adapter stands, nothing to encode or train
+        result, n_valid = finished
+        log(f"{variant.name}: this run finished before (key {key[:12]}, {result.epochs_run} epochs, best epoch "
+            f"{result.best_epoch}, valid AUC {result.best_valid_auc:.4f}): its best adapter is reused")
+    else:
+        encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
+        rows = load_train_rows(con, category, variant.style, encoder, loaded)
+        n_valid, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
+        model, result = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
+                                   device=loaded.device, dtype=loaded.dtype, work_dir=work_dir, run_key=key,
+                                   quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),
+                                   log=lambda m: log(f"{variant.name}: {m}"))
+        del model
+        # After train_lora's last checkpoint: a run with another key clears work_dir (this file too) first.
+        (work_dir / FINISHED).write_text(json.dumps({"run_key": key, "valid_users": n_valid,
+                                                     "result": result.as_dict()}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(best_adapter_dir(work_dir), out_dir)
-    del model
     return TrainedVariant(variant.name, out_dir.name, result, n_valid, style_prompt_versions(variant))
+
+
+FINISHED = "finished.json"
+
+
+def finished_run(work_dir: Path, key: str) -> tuple[TrainResult, int] | None:
+    """(result, validation users) of a training run with this key that completed in ``work_dir``, with its best
+    adapter there; None when it did not (then ``train_lora`` resumes or starts it)."""
+    path = Path(work_dir) / FINISHED
+    if not path.is_file() or not (best_adapter_dir(work_dir) / "adapter_model.safetensors").is_file():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("run_key") != key:
+        return None
+    result = TrainResult(**done["result"])
+    result.resumed_from_epoch, result.seconds = result.epochs_run, 0.0  # seconds: none spent in this call
+    return result, int(done["valid_users"])
 
 
 def validation_scorer(con, category: str, variant: Variant, loaded, settings: RecommenderSettings, *, seed: int,
