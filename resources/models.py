@@ -14,7 +14,7 @@ from pydantic import PrivateAttr
 
 from srec.models.clip import ClipScorer, ClipSettings
 from srec.models.generation import GenerationRequest, GenerationResult, ModelIdentity
-from srec.models.runner import LoadedModel, RunnerSettings
+from srec.models.runner import LoadedModel, ModelSpec, RunnerSettings
 from srec.models.tiny import TINY_CAPTIONER, TINY_CLIP, TINY_SUMMARISER, default_model_path
 
 ROLES = ("captioner", "summariser", "recommender")
@@ -71,6 +71,10 @@ class ModelRunner(dg.ConfigurableResource):
         """A new copy of the model (e.g. ``quantization='4bit'`` for QLoRA), not the shared one: training wraps
         the model it is given with adapters."""
         return LoadedModel(replace(self.runner_settings(), **overrides))
+
+    def spec(self, **overrides) -> ModelSpec:
+        """What ``load_fresh(**overrides)`` would load (folder, device, dtype, fingerprint), without loading it."""
+        return ModelSpec.of(replace(self.runner_settings(), **overrides))
 
     @property
     def identity(self) -> ModelIdentity:

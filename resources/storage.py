@@ -48,8 +48,14 @@ class SrecStorage(dg.ConfigurableResource):
         Path(self.temp_directory).mkdir(parents=True, exist_ok=True)
         log = dg.get_dagster_logger()
         with writer_lock(self.database, self.lock_timeout_s, on_wait=log.info), self._duckdb().get_connection() as con:
-            ensure_tables(con)
-            yield con
+            # dagster_duckdb closes the connection only when the block ends without an exception: after a failed
+            # step it stayed open until garbage collection, holding DuckDB's file lock (other processes could not
+            # open the database) and refusing this process a connection with another configuration.
+            try:
+                ensure_tables(con)
+                yield con
+            finally:
+                con.close()
 
     def artifact_dir(self, *parts: str) -> Path:
         path = Path(self.artifacts_dir).joinpath(*parts)

@@ -9,7 +9,7 @@ from PIL import Image
 from resources import ModelRunner
 
 from srec.models.generation import GenerationRequest
-from srec.models.runner import LoadedModel, ModelLoadError, RunnerSettings, model_fingerprint
+from srec.models.runner import LoadedModel, ModelLoadError, ModelSpec, RunnerSettings, model_fingerprint
 from srec.models.tiny import build_tiny_models
 from srec.paths import SHARED_DATA_DIR
 from tests.tiny_vlms import IDEFICS_FAMILIES, QWEN_VL_FAMILIES, tiny_vlm
@@ -134,6 +134,18 @@ def test_identity_key_follows_the_files_and_numerics_not_the_path(tiny_models, t
     assert len({here.identity.key, bf16.identity.key, longer.identity.key}) == 3
     (moved / "extra.txt").write_text("changed files")
     assert LoadedModel(RunnerSettings(model=str(moved), max_new_tokens=6)).identity.key != here.identity.key
+
+
+def test_model_spec_names_what_a_load_would_be_without_loading(tiny_models):
+    """What stored scores and finished training runs are checked against before any weights are loaded."""
+    for settings in (RunnerSettings(model=str(tiny_models["summariser"]), max_new_tokens=6),
+                     RunnerSettings(model=str(tiny_models["captioner"]), dtype="bfloat16")):
+        spec, loaded = ModelSpec.of(settings), LoadedModel(settings)
+        assert spec.identity == loaded.identity and spec.fingerprint == loaded.fingerprint
+        assert spec.describe() == {k: v for k, v in loaded.describe().items() if k not in ("parameters",
+                                                                                          "load_seconds")}
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        ModelSpec.of(RunnerSettings(model="/nonexistent/model"))
 
 
 def test_model_that_is_not_available_offline_says_so():

@@ -7,6 +7,7 @@ import duckdb
 import pytest
 from peft import PeftModel
 
+import resources.models as resources_models
 from srec.models.runner import LoadedModel, RunnerSettings
 from srec.recommender import artifacts
 from srec.recommender.pipeline import sft_examples_version
@@ -64,7 +65,8 @@ def _materialize_scores(resources, instance, config) -> tuple[str, dg.AssetMater
 
 
 @pytest.mark.slow
-def test_recommender_assets_train_score_and_report(scientific_with_images, storage, model_resources, tmp_path):
+def test_recommender_assets_train_score_and_report(scientific_with_images, storage, model_resources, tmp_path,
+                                                  monkeypatch):
     resources = {"storage": storage, **model_resources}
     with dg.instance_for_test() as instance:
         result = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
@@ -98,14 +100,20 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         # instead of scoring them again; rescore: true scores them all again, to the same values.
         first = _scoring(storage.database)
         assert set(first["runs"].values()) == {result.run_id}
-        _, kept = _materialize_scores(resources, instance, REC)
-        assert kept.metadata["reused_variants"].value == [Variant.parse(v).name for v in VARIANTS] and "reused (run" in kept.metadata["models"].value
-        again_scored = _scoring(storage.database)
-        assert again_scored["runs"] == first["runs"] and again_scored["scores"] == first["scores"]
-        assert kept.tags["dagster/data_version"] == result.asset_materializations_for_node(
-            "recommender_scores")[0].tags["dagster/data_version"]
-        forced_run, forced = _materialize_scores(resources, instance, {**REC, "rescore": True})
-        assert forced.metadata["reused_variants"].value == []
+        loads = []
+        with monkeypatch.context() as patched:
+            patched.setattr(resources_models, "LoadedModel",
+                            lambda settings: loads.append(settings) or LoadedModel(settings))
+            _, kept = _materialize_scores(resources, instance, REC)
+            assert loads == []  # the keys come from the base's files: no weights loaded to keep the scores
+            assert kept.metadata["reused_variants"].value == [Variant.parse(v).name for v in VARIANTS]
+            assert "reused (run" in kept.metadata["models"].value
+            again_scored = _scoring(storage.database)
+            assert again_scored["runs"] == first["runs"] and again_scored["scores"] == first["scores"]
+            assert kept.tags["dagster/data_version"] == result.asset_materializations_for_node(
+                "recommender_scores")[0].tags["dagster/data_version"]
+            forced_run, forced = _materialize_scores(resources, instance, {**REC, "rescore": True})
+            assert forced.metadata["reused_variants"].value == [] and len(loads) == len(VARIANTS)
         rescored = _scoring(storage.database)
         assert set(rescored["runs"].values()) == {forced_run} and rescored["keys"] == first["keys"]
         assert max(abs(a - b) for a, b in zip(rescored["scores"], first["scores"])) < 1e-6

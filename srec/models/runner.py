@@ -162,6 +162,40 @@ def _quantization_config(settings: RunnerSettings, device: str, dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def model_identity(settings: RunnerSettings, fingerprint: str, dtype) -> ModelIdentity:
+    numerics = {"dtype": str(dtype).removeprefix("torch."), "quantization": settings.quantization}
+    return ModelIdentity(model=settings.model, fingerprint=fingerprint,
+                         generation=tuple(sorted({**settings.generation_settings(), **numerics}.items())))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a ``LoadedModel`` of these settings would be (folder, device, dtype, fingerprint, identity), found
+    without loading its weights: enough to decide that stored results of the same model can be kept."""
+    settings: RunnerSettings
+    folder: Path
+    task: str
+    device: str
+    dtype: object
+    fingerprint: str
+
+    @classmethod
+    def of(cls, settings: RunnerSettings) -> ModelSpec:
+        folder = resolve_model_folder(settings)
+        task = _detect_task(folder) if settings.task == "auto" else settings.task
+        device = resolve_device(settings.device)
+        return cls(settings, folder, task, device, resolve_dtype(settings.dtype, device), model_fingerprint(folder))
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return model_identity(self.settings, self.fingerprint, self.dtype)
+
+    def describe(self) -> dict:
+        """``LoadedModel.describe`` less what needs the weights (parameters, load time)."""
+        return {**asdict(self.settings), "folder": str(self.folder), "task": self.task, "resolved_device": self.device,
+                "resolved_dtype": str(self.dtype).removeprefix("torch."), "fingerprint": self.fingerprint}
+
+
 class LoadedModel:
     """A model, its processor or tokenizer, and batched chat generation."""
 
@@ -205,9 +239,7 @@ class LoadedModel:
 
     @property
     def identity(self) -> ModelIdentity:
-        numerics = {"dtype": str(self.dtype).removeprefix("torch."), "quantization": self.settings.quantization}
-        return ModelIdentity(model=self.settings.model, fingerprint=self.fingerprint,
-                             generation=tuple(sorted({**self.settings.generation_settings(), **numerics}.items())))
+        return model_identity(self.settings, self.fingerprint, self.dtype)
 
     def describe(self) -> dict:
         return {**asdict(self.settings), "folder": str(self.folder), "task": self.task, "resolved_device": self.device,

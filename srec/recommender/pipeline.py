@@ -362,18 +362,23 @@ def run_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def train_variant(con, category: str, variant: Variant, loaded, settings: RecommenderSettings, *, seed: int,
-                  out_dir: Path, work_dir: Path, data_key: str, items: dict[str, ItemInfo],
-                  log: Log = print) -> TrainedVariant:
+def train_variant(con, category: str, variant: Variant, base, load: Callable[[], object],
+                  settings: RecommenderSettings, *, seed: int, out_dir: Path, work_dir: Path, data_key: str,
+                  items: dict[str, ItemInfo], log: Log = print) -> TrainedVariant:
     """Train one variant's adapter on its style's sft_examples; the best epoch's adapter goes to ``out_dir``.
-    ``items``: ``load_items(con, category)``."""
-    key = run_key(TRAINING_CODE_VERSION, variant.name, settings.training_json(), loaded.fingerprint, data_key, seed)
+    ``base``: the ModelSpec (or LoadedModel) of the base; ``load()`` loads a fresh copy, called only when there is
+    training to do. ``items``: ``load_items(con, category)``."""
+    key = run_key(TRAINING_CODE_VERSION, variant.name, settings.training_json(), base.fingerprint, data_key, seed)
     finished = finished_run(work_dir, key)
     if finished is not None:  # the same run completed before: its best adapter stands, nothing to encode or train
         result, n_valid = finished
         log(f"{variant.name}: this run finished before (key {key[:12]}, {result.epochs_run} epochs, best epoch "
             f"{result.best_epoch}, valid AUC {result.best_valid_auc:.4f}): its best adapter is reused")
     else:
+        loaded = load()
+        if loaded.fingerprint != base.fingerprint:
+            raise RecommenderInputError(f"the base model's files changed while this run read them ({base.fingerprint} "
+                                        f"-> {loaded.fingerprint}): run it again")
         encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
         rows = load_train_rows(con, category, variant.style, encoder, loaded)
         n_valid, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
@@ -535,9 +540,10 @@ def scoring_inputs(con, category: str) -> dict[str, str]:
     }
 
 
-def scoring_key(inputs: dict[str, str], variant: Variant, loaded, settings: RecommenderSettings, *,
+def scoring_key(inputs: dict[str, str], variant: Variant, base, settings: RecommenderSettings, *,
                 model_name: str, adapter: str | None) -> str:
-    """Everything a variant's stored scores depend on: the inputs' hashes, the base by its fingerprint and
+    """Everything a variant's stored scores depend on (``base``: a LoadedModel or the ModelSpec of one): the
+    inputs' hashes, the base by its fingerprint and
     numerics (dtype, quantization, device type: greedy reasoning steps and scores differ across them in the last
     digits), the adapter's files (``artifacts.adapter_files_hash``; None for zero-shot), the prompt settings and
     versions, the protocols and this code. Not the candidate batch size: it changes padding only."""
@@ -545,8 +551,8 @@ def scoring_key(inputs: dict[str, str], variant: Variant, loaded, settings: Reco
         "code": SCORING_CODE_VERSION, "inputs": inputs, "variant": variant.name, "model_name": model_name,
         "prompt_version": style_prompt_versions(variant), "prompts": settings.prompt_json(),
         "protocols": sorted(settings.protocols), "splits": ["test"],
-        "base": {"fingerprint": loaded.fingerprint, "numerics": dict(loaded.identity.generation),
-                 "device": str(loaded.device).split(":")[0]},
+        "base": {"fingerprint": base.fingerprint, "numerics": dict(base.identity.generation),
+                 "device": str(base.device).split(":")[0]},
         "adapter": adapter,
     })
 

@@ -68,9 +68,18 @@ def _check_cuda(settings: RecommenderSettings, recommender: ModelRunner) -> None
                              f"run's device is {device!r}. Run them on a GPU machine, or use 'lora:' variants on CPU.")
 
 
+def _base_quantization(recommender: ModelRunner, variant: Variant) -> str:
+    return "4bit" if variant.adapter == "qlora" else recommender.quantization
+
+
 def _load_base(recommender: ModelRunner, variant: Variant):
     """A fresh copy of the base for one variant: 4-bit NF4 for QLoRA, as configured otherwise."""
-    return recommender.load_fresh(quantization="4bit" if variant.adapter == "qlora" else recommender.quantization)
+    return recommender.load_fresh(quantization=_base_quantization(recommender, variant))
+
+
+def _base_spec(recommender: ModelRunner, variant: Variant):
+    """What ``_load_base`` would load (fingerprint, device, dtype), without loading the weights."""
+    return recommender.spec(quantization=_base_quantization(recommender, variant))
 
 
 @dg.asset(
@@ -153,15 +162,20 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
         items = load_items(con, cfg.name)
         entries, base = {}, None
         for variant in trained:
-            loaded = base = _load_base(recommender, variant)
+            base = _base_spec(recommender, variant)  # the weights are loaded only to train
+
+            def load(variant=variant):
+                loaded = _load_base(recommender, variant)
+                context.log.info(f"training {variant.name} on {loaded.describe()['parameters']:,}-parameter "
+                                 f"{recommender.model} ({loaded.device}, {loaded.dtype})")
+                return loaded
+
             slug = rec.variant_slug(variant)
-            context.log.info(f"training {variant.name} on {loaded.describe()['parameters']:,}-parameter "
-                             f"{recommender.model} ({loaded.device}, {loaded.dtype})")
             # Its own style's rows, not the whole table's: adding a variant reuses the others' finished runs.
             data_key = {**data, "sft_examples": rec.sft_examples_version(con, cfg.name, variant.style)}
-            done = rec.train_variant(con, cfg.name, variant, loaded, settings, seed=cfg.seed, out_dir=staging / slug,
-                                     work_dir=root / "_work" / slug, data_key=json.dumps(data_key, sort_keys=True),
-                                     items=items, log=context.log.info)
+            done = rec.train_variant(con, cfg.name, variant, base, load, settings, seed=cfg.seed,
+                                     out_dir=staging / slug, work_dir=root / "_work" / slug,
+                                     data_key=json.dumps(data_key, sort_keys=True), items=items, log=context.log.info)
             entries[variant.name] = {"folder": slug, "prompt_version": done.prompt_version,
                                      "valid_users": done.valid_users, **done.result.as_dict()}
     describe = base.describe() if base else recommender.runner_settings().__dict__
@@ -289,21 +303,21 @@ def recommender_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
         items = load_items(con, cfg.name)
         inputs = rec.scoring_inputs(con, cfg.name)
         for variant in settings.parsed_variants:
-            loaded = _load_base(recommender, variant)
-            tiny = rec.is_tiny_model(loaded.folder)
-            entry, model, path = None, loaded.model, None
+            spec = _base_spec(recommender, variant)  # the weights are loaded only to score
+            tiny = rec.is_tiny_model(spec.folder)
+            entry, path = None, None
             if variant.trains:
                 try:
                     path = lora_adapter.adapter_path(variant.name)
                 except KeyError as e:
                     raise dg.Failure(f"{e}: materialize lora_adapter with the same variants") from e
                 entry = lora_adapter.manifest["variants"][variant.name]
-                if lora_adapter.manifest.get("base_fingerprint") != loaded.fingerprint:
+                if lora_adapter.manifest.get("base_fingerprint") != spec.fingerprint:
                     raise dg.Failure(f"adapter {lora_adapter.version} was trained on base fingerprint "
                                      f"{lora_adapter.manifest.get('base_fingerprint')}, the recommender is "
-                                     f"{loaded.fingerprint}: retrain lora_adapter")
+                                     f"{spec.fingerprint}: retrain lora_adapter")
             name = rec.report_model_name(variant, recommender.model, tiny)
-            key = rec.scoring_key(inputs, variant, loaded, settings, model_name=name,
+            key = rec.scoring_key(inputs, variant, spec, settings, model_name=name,
                                   adapter=artifacts.adapter_files_hash(path) if path else None)
             stored = None if config.rescore else rec.reusable_scores(con, cfg.name, variant, name, key)
             if stored is not None:
@@ -314,14 +328,17 @@ def recommender_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
                 context.log.info(f"{variant.name}: inputs, model, adapter files and settings unchanged (scoring key "
                                  f"{key[:16]}): kept the {scored.rows:,} scores of run {origin['scored_run_id']}")
             else:
-                if path is not None:
-                    model = PeftModel.from_pretrained(loaded.model, str(path)).eval()
+                loaded = _load_base(recommender, variant)
+                if loaded.fingerprint != spec.fingerprint:
+                    raise dg.Failure(f"the files of {recommender.model} changed while this run read them "
+                                     f"({spec.fingerprint} -> {loaded.fingerprint}): run it again")
+                model = loaded.model if path is None else PeftModel.from_pretrained(loaded.model, str(path)).eval()
                 frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
                                                   items=items, log=context.log.info)
                 origin = {"scored_run_id": context.run.run_id, "scored_at": time.time(), "device": loaded.device}
             frames.append(frame)
             runs.append({"category": cfg.name, "model": name, "variant": variant.name,
-                         "base_model": recommender.model, "base_fingerprint": loaded.fingerprint,
+                         "base_model": recommender.model, "base_fingerprint": spec.fingerprint,
                          "tiny_random_weights": tiny, "adapter_path": str(path) if path else None,
                          "adapter_version": lora_adapter.version if path else None,
                          "valid_auc": entry["best_valid_auc"] if entry else None,
