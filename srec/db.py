@@ -30,20 +30,29 @@ def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, names: Iterable[str] | None = None) -> None:
     """Create the tables that do not exist yet, and add the columns a newer srec declares to those that do."""
-    for name in names or TABLES:
+    names = list(names or TABLES)
+    for name in names:
         con.execute(create_table_sql(name))
-        add_missing_columns(con, name)
+    have: dict[str, set[str]] = {}
+    for table, column in con.execute(  # one query for all of them: this runs on every connection
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_catalog = current_database()").fetchall():
+        have.setdefault(table, set()).add(column)
+    for name in names:
+        add_missing_columns(con, name, have.get(name, set()))
 
 
 class SchemaMigrationError(RuntimeError):
     """A database table lacks a column that cannot be added in place."""
 
 
-def add_missing_columns(con: duckdb.DuckDBPyConnection, name: str) -> list[str]:
+def add_missing_columns(con: duckdb.DuckDBPyConnection, name: str, have: set[str] | None = None) -> list[str]:
     """Add to an existing table the nullable columns its definition declares and it lacks (a database written by
     an older srec); their old rows read NULL. A missing NOT NULL column has no value for those rows: that is an
-    error naming the table and the column, not a silent default. Returns the columns added."""
-    have = {r[0] for r in con.execute(f"DESCRIBE {name}").fetchall()}
+    error naming the table and the column, not a silent default. ``have``: the table's columns, when known.
+    Returns the columns added."""
+    if have is None:
+        have = {r[0] for r in con.execute(f"DESCRIBE {name}").fetchall()}
     missing = [c for c in table_columns(name) if c.name not in have]
     required = [c.name for c in missing if not c.nullable]
     if required:
