@@ -46,13 +46,11 @@ class SchemaMigrationError(RuntimeError):
     """A database table lacks a column that cannot be added in place."""
 
 
-def add_missing_columns(con: duckdb.DuckDBPyConnection, name: str, have: set[str] | None = None) -> list[str]:
-    """Add to an existing table the nullable columns its definition declares and it lacks (a database written by
-    an older srec); their old rows read NULL. A missing NOT NULL column has no value for those rows: that is an
-    error naming the table and the column, not a silent default. ``have``: the table's columns, when known.
-    Returns the columns added."""
-    if have is None:
-        have = {r[0] for r in con.execute(f"DESCRIBE {name}").fetchall()}
+def add_missing_columns(con: duckdb.DuckDBPyConnection, name: str, have: set[str]) -> list[str]:
+    """Add to an existing table the nullable columns its definition declares and it lacks (``have``: its columns;
+    a database written by an older srec); their old rows read NULL. A missing NOT NULL column has no value for
+    those rows: that is an error naming the table and the column, not a silent default. Returns the columns
+    added."""
     missing = [c for c in table_columns(name) if c.name not in have]
     required = [c.name for c in missing if not c.nullable]
     if required:

@@ -105,14 +105,14 @@ def test_storage_resource_creates_tables_and_folders(storage):
 # --- the DuckDB writer lock ----------------------------------------------------------------------------
 
 def test_storage_connection_is_closed_when_the_step_fails(storage):
-    """A failed step's connection must not outlive it (its traceback keeps a reference, as ``con`` does here):
-    open, it holds DuckDB's file lock and refuses a read-only connection in the same process."""
+    """A failed step's connection must not outlive it (its traceback keeps a reference, as the local ``con`` does
+    here until the test returns): open, it holds DuckDB's file lock and refuses a read-only connection in the same
+    process."""
     with pytest.raises(RuntimeError, match="step failed"), storage.connect() as con:
         con.execute("SELECT 1")
         raise RuntimeError("step failed")
     with duckdb.connect(storage.database, read_only=True) as reader:
         assert reader.execute("SELECT count(*) FROM raw_reviews").fetchall() == [(0,)]
-    assert con is not None
 
 
 def test_writer_lock_serializes_processes_and_is_reentrant(tmp_path):

@@ -543,10 +543,10 @@ def scoring_inputs(con, category: str) -> dict[str, str]:
 def scoring_key(inputs: dict[str, str], variant: Variant, base, settings: RecommenderSettings, *,
                 model_name: str, adapter: str | None) -> str:
     """Everything a variant's stored scores depend on (``base``: a LoadedModel or the ModelSpec of one): the
-    inputs' hashes, the base by its fingerprint and
-    numerics (dtype, quantization, device type: greedy reasoning steps and scores differ across them in the last
-    digits), the adapter's files (``artifacts.adapter_files_hash``; None for zero-shot), the prompt settings and
-    versions, the protocols and this code. Not the candidate batch size: it changes padding only."""
+    inputs' hashes, the base by its fingerprint and numerics (dtype, quantization, device type: greedy reasoning
+    steps and scores differ across them in the last digits), the adapter's files (``artifacts.adapter_files_hash``;
+    None for zero-shot), the prompt settings and versions, the protocols and this code. Not the candidate batch
+    size: it changes padding only."""
     return run_key({
         "code": SCORING_CODE_VERSION, "inputs": inputs, "variant": variant.name, "model_name": model_name,
         "prompt_version": style_prompt_versions(variant), "prompts": settings.prompt_json(),
