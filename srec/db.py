@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 
 import duckdb
@@ -16,6 +17,12 @@ def scalar_row(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = N
     if len(rows) != 1:
         raise ValueError(f"expected one row from {sql!r}, got {len(rows)}")
     return rows[0]
+
+
+def run_key(*parts: object) -> str:
+    """A computation's key: the hash of what it depends on (inputs' content hashes, settings, code version), as
+    JSON. Equal keys mean stored results of the computation can stand in for running it again."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:

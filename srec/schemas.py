@@ -277,6 +277,7 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
             "model": [_non_empty_str()], "settings": [_is_json_object()], "epochs_run": [pa.Check.ge(0)],
             "best_epoch": [pa.Check.ge(0)], "best_valid_ndcg10": unit,
             "train_seconds": [_finite(), pa.Check.ge(0)], "device": [_non_empty_str()],
+            "input_key": [_non_empty_str()], "trained_run_id": [_non_empty_str()], "trained_at": [_finite()],
         },
         "metric_report": {
             "model": [_non_empty_str()], "split": eval_split,

@@ -113,8 +113,12 @@ TABLES: dict[str, str] = {
         epochs_run INTEGER NOT NULL,
         best_epoch INTEGER NOT NULL,
         best_valid_ndcg10 DOUBLE,
-        train_seconds DOUBLE NOT NULL,
-        device VARCHAR NOT NULL
+        train_seconds DOUBLE NOT NULL,   -- of the run that trained it, when kept
+        device VARCHAR NOT NULL,
+        -- Added after the first release (NULL in rows from before; srec.db.add_missing_columns adds them):
+        input_key VARCHAR,           -- what the results depend on (srec.baselines.run.baseline_key)
+        trained_run_id VARCHAR,      -- the Dagster run that trained and scored it: an earlier one when kept
+        trained_at DOUBLE            -- unix seconds, when it was trained
     """,
     # Per item of the category (every item in interactions): where its image came from and whether it is usable.
     "item_images": """

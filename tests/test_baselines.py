@@ -13,7 +13,7 @@ from srec.baselines import run_baselines
 from srec.baselines.data import left_pad
 from srec.baselines.evaluate import _hr_ndcg, evaluate_split
 from tests.loo_tables import read_p5_sequences, write_loo_tables
-from srec.baselines.run import popularity_scorer
+from srec.baselines.run import OUTPUT_TABLES, baseline_key, popularity_scorer
 from srec.baselines.train import build_model, sequence_loss
 from srec.paths import SHARED_DATA_DIR
 
@@ -23,15 +23,14 @@ CAT = "beauty_cut"
 FAST = dict(hidden_size=32, num_layers=1, max_epochs=1, patience=1, torch_threads=1, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def beauty_cut():
-    """300 real Beauty users (last item test, second last valid), seeded 1+20 / 1+99 candidates, their items'
-    real titles in raw_items."""
+def _beauty_cut_db(n_users: int):
+    """``n_users`` real Beauty users (last item test, second last valid), seeded 1+20 / 1+99 candidates, their
+    items' real titles in raw_items."""
     import pandas as pd
 
     from srec.db import ensure_tables
 
-    seqs = read_p5_sequences(BEAUTY, limit_users=300)
+    seqs = read_p5_sequences(BEAUTY, limit_users=n_users)
     con = duckdb.connect()
     write_loo_tables(con, CAT, seqs, seed=7)
     titles = pd.read_csv(BEAUTY_TITLES, dtype=str)
@@ -43,6 +42,11 @@ def beauty_cut():
     con.execute("""INSERT INTO interactions VALUES (?, ?, 'NEG-ITEM', 1.0, NULL, 999999, 0, NULL, 'train')""",
                 [CAT, next(iter(seqs))])
     return con, seqs
+
+
+@pytest.fixture(scope="module")
+def beauty_cut():
+    return _beauty_cut_db(300)
 
 
 def test_load_split_data(beauty_cut):
@@ -261,6 +265,63 @@ def test_outputs_land_in_the_tables(beauty_cut):
     for model, settings, epochs, best, ndcg, secs, device in runs:
         assert json.loads(settings)["model"] == model and device == "cpu" and secs >= 0
         assert 0 <= best <= epochs and 0 <= ndcg <= 1
+
+
+def test_unchanged_models_keep_their_stored_results():
+    """A model whose input key is unchanged keeps its rows and the run that trained them; what changed trains."""
+    con, _ = _beauty_cut_db(120)
+    tables = lambda: {t: con.execute(f"SELECT * FROM {t} WHERE category = ? ORDER BY ALL", [CAT]).fetchall()  # noqa: E731
+                      for t in OUTPUT_TABLES}
+    kept = lambda runs: {r["model"]: r["kept"] for r in runs}  # noqa: E731
+    first = run_baselines(con, CAT, BaselineSettings(**FAST), run_id="run-1")
+    assert not any(kept(first).values())
+    before, logged = tables(), []
+    again = run_baselines(con, CAT, BaselineSettings(**FAST), log=logged.append, run_id="run-2")
+    assert all(r["kept"] and r["trained_run_id"] == "run-1" and r["history"] == [] for r in again)
+    assert [(r["epochs_run"], r["train_seconds"]) for r in again] == [(r["epochs_run"], r["train_seconds"]) for r in first]
+    assert tables() == before  # not rewritten: trained_at too
+    assert sum("kept the results trained in Dagster run run-1" in m for m in logged) == 4
+
+    # A setting of one model: only it trains. The thread count is not a setting of the results.
+    changed = run_baselines(con, CAT, BaselineSettings(**{**FAST, "gru_dropout": 0.2, "torch_threads": 2}))
+    assert kept(changed) == {"popularity": True, "sasrec": True, "gru4rec": False, "title_overlap": True}
+    assert dict(con.execute("SELECT model, trained_run_id FROM baseline_runs WHERE category = ?", [CAT]).fetchall()
+                ) == {"popularity": "run-1", "sasrec": "run-1", "gru4rec": None, "title_overlap": "run-1"}
+    # A title: only title_overlap reads them.
+    con.execute("UPDATE raw_items SET title = title || ' refill' WHERE category = ? AND item_id = "
+                "(SELECT min(item_id) FROM raw_items WHERE category = ?)", [CAT, CAT])
+    s = BaselineSettings(**{**FAST, "gru_dropout": 0.2})
+    assert kept(run_baselines(con, CAT, s)) == {"popularity": True, "sasrec": True, "gru4rec": True,
+                                                "title_overlap": False}
+    # A stored row gone: that model's results are incomplete, it trains again (and its rows are whole again).
+    n_pop = con.execute("SELECT count(*) FROM baseline_scores WHERE category = ? AND model = 'popularity'",
+                        [CAT]).fetchone()[0]
+    con.execute("DELETE FROM baseline_scores WHERE category = ? AND model = 'popularity' AND slot = 0 AND "
+                "user_id = (SELECT min(user_id) FROM baseline_scores WHERE category = ?)", [CAT, CAT])
+    assert kept(run_baselines(con, CAT, s))["popularity"] is False
+    assert con.execute("SELECT count(*) FROM baseline_scores WHERE category = ? AND model = 'popularity'",
+                       [CAT]).fetchone()[0] == n_pop
+    # retrain: none kept; a model left out of the settings leaves the tables.
+    assert not any(kept(run_baselines(con, CAT, s, retrain=True)).values())
+    (only,) = run_baselines(con, CAT, BaselineSettings(**{**FAST, "models": ("sasrec",), "gru_dropout": 0.2}))
+    assert only["kept"]
+    for t in OUTPUT_TABLES:
+        assert con.execute(f"SELECT DISTINCT model FROM {t} WHERE category = ?", [CAT]).fetchall() == [("sasrec",)]
+
+
+def test_baseline_key_follows_what_each_model_reads():
+    inputs = {"interactions": "i1", "eval_candidates": "c1", "titles": "t1"}
+    s, cpu = BaselineSettings(**FAST), torch.device("cpu")
+    for model in ("popularity", "sasrec", "title_overlap"):
+        key = baseline_key(model, inputs, s, cpu)
+        assert key != baseline_key(model, {**inputs, "interactions": "i2"}, s, cpu)
+        assert key != baseline_key(model, {**inputs, "eval_candidates": "c2"}, s, cpu)
+        reseeded = baseline_key(model, inputs, BaselineSettings(**{**FAST, "seed": 1}), cpu)
+        assert (key != reseeded) == (model != "title_overlap")  # no training, nothing random
+        assert key != baseline_key(model, inputs, s, torch.device("cuda"))
+        assert key == baseline_key(model, inputs, BaselineSettings(**{**FAST, "eval_batch_users": 7}), cpu)
+        assert (key != baseline_key(model, {**inputs, "titles": "t2"}, s, cpu)) == (model == "title_overlap")
+    assert baseline_key("sasrec", inputs, s, cpu) != baseline_key("gru4rec", inputs, s, cpu)
 
 
 def test_evaluate_split_matches_naive_per_user(beauty_cut):

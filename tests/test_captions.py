@@ -1,5 +1,4 @@
 """Fused item captions: caching, incremental captioning, failures, and resuming a killed run."""
-import json
 import os
 import signal
 import subprocess

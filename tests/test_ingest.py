@@ -13,11 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-import duckdb
 import pytest
 
 
-from srec.config import CategoryConfig, FilterSettings
 from srec.ingest import QUARANTINE_REASONS, IngestStats, ingest_items, ingest_reviews
 from srec.tables import TABLES
 from tests.ingest_support import cfg

@@ -11,12 +11,11 @@ import os
 import time
 from pathlib import Path
 
-import duckdb
 import pytest
 
 
 import srec.ingest.source as source
-from srec.config import CategoryConfig, FilterSettings
+from srec.config import CategoryConfig
 from srec.ingest import IngestError, IngestStats, ingest_items, ingest_reviews
 from tests.ingest_support import cfg
 

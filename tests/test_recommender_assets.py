@@ -96,6 +96,22 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert con.execute("SELECT count(*) FROM recommender_scores").fetchall()[0][0] == 3 * n_test
         con.close()
 
+        # Nothing changed: baseline_scores keeps its stored results (the same rows, the run that trained them);
+        # retrain: true trains again.
+        for retrain, kept_models in ((False, ["popularity"]), (True, [])):
+            baselines = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources,
+                                       instance=instance, selection=dg.AssetSelection.assets(baseline_scores),
+                                       run_config={"ops": {"baseline_scores": {"config": {
+                                           **RUN_CONFIG["ops"]["baseline_scores"]["config"], "retrain": retrain}}}})
+            assert baselines.success
+            md = baselines.asset_materializations_for_node("baseline_scores")[0]
+            assert md.metadata["kept_models"].value == kept_models
+            assert md.tags["dagster/data_version"] == result.asset_materializations_for_node(
+                "baseline_scores")[0].tags["dagster/data_version"]
+            with duckdb.connect(storage.database, read_only=True) as con:
+                trained_by = con.execute("SELECT trained_run_id FROM baseline_runs").fetchall()
+            assert trained_by == [(baselines.run_id if retrain else result.run_id,)]
+
         # Nothing changed: recommender_scores keeps every variant's stored scores (the same rows, the same version)
         # instead of scoring them again; rescore: true scores them all again, to the same values.
         first = _scoring(storage.database)

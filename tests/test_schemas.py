@@ -61,6 +61,7 @@ GOOD: dict[str, dict[str, list]] = {
         "category": ["c", "c"], "model": ["pop", "sasrec"], "settings": ["{}", json.dumps({"lr": 0.001})],
         "epochs_run": [0, 20], "best_epoch": [0, 12], "best_valid_ndcg10": [None, 0.31],
         "train_seconds": [0.0, 12.5], "device": ["cpu", "cuda"],
+        "input_key": ["k1", None], "trained_run_id": ["r1", None], "trained_at": [1.7e9, None],  # None: older srec
     },
     "metric_report": {
         "category": ["c", "c"], "model": ["pop", "pop"], "split": ["test", "test"],

@@ -15,10 +15,14 @@ from srec.baselines.data import SPLITS, SplitData, load_candidates, load_split_d
 from srec.baselines.evaluate import SplitResult, evaluate_split, valid_ndcg
 from srec.baselines.models import Popularity, TitleOverlap
 from srec.baselines.train import BaselineSettings, build_model, fit, seed_everything
-from srec.db import ensure_tables, table_exists
+from srec.db import ensure_tables, partition_content_hash, run_key, table_exists
 from srec.tables import PROTOCOLS_SAMPLED
 
 OUTPUT_TABLES = ("baseline_scores", "baseline_full_ranking", "baseline_runs")
+# The results a model's stored rows hold depend on this code: bump it when a change to training, scoring or the
+# tables changes them. It is baseline_scores' code_version and part of every model's input key, so stored results
+# from before such a change are not kept.
+BASELINE_CODE_VERSION = "1"
 
 
 @contextlib.contextmanager
@@ -65,19 +69,69 @@ def title_overlap_model(con, category: str, data: SplitData, s: BaselineSettings
     return TitleOverlap(titles, s.title_history)
 
 
+def baseline_inputs(con: duckdb.DuckDBPyConnection, category: str) -> dict[str, str]:
+    """Content hashes of what the baselines read: the interactions (histories, targets), the stored candidates
+    and, for title_overlap only, the items' titles."""
+    inputs = {"interactions": partition_content_hash(con, "interactions", category),
+              "eval_candidates": partition_content_hash(con, "eval_candidates", category)}
+    if table_exists(con, "raw_items"):
+        inputs["titles"] = partition_content_hash(con, "raw_items", category, ["item_id", "title"])
+    return inputs
+
+
+def baseline_key(model: str, inputs: dict[str, str], settings: BaselineSettings, device: torch.device) -> str:
+    """Everything one model's stored results depend on: the inputs it reads, its settings (seed included), the
+    device type and torch version (seeded training repeats only on the same kind of device and kernels) and this
+    code. Not the thread count or the evaluation batch size."""
+    used = {k: v for k, v in inputs.items() if k != "titles" or model == "title_overlap"}
+    return run_key({"code": BASELINE_CODE_VERSION, "model": model, "inputs": used,
+                    "settings": settings.model_settings(model), "device": device.type, "torch": torch.__version__})
+
+
+def expected_rows(data: SplitData, candidates) -> tuple[int, int]:
+    """(baseline_scores rows, baseline_full_ranking rows) one model writes for these users and candidates."""
+    scores = sum(items.size for per_split in candidates.values() for _, items in per_split.values())
+    return scores, data.n_users * len(SPLITS)
+
+
+def kept_runs(con: duckdb.DuckDBPyConnection, category: str, keys: dict[str, str],
+              rows: tuple[int, int]) -> dict[str, dict]:
+    """The stored baseline_runs rows, by model, whose input key equals ``keys[model]`` and whose scores and
+    full-ranking rows are all still stored: results that training again would only repeat."""
+    ensure_tables(con, OUTPUT_TABLES)
+    runs = con.execute(
+        """SELECT r.*, (SELECT count(*) FROM baseline_scores s WHERE s.category = r.category AND s.model = r.model)
+                       AS n_scores,
+                      (SELECT count(*) FROM baseline_full_ranking f WHERE f.category = r.category
+                                                                     AND f.model = r.model) AS n_full
+           FROM baseline_runs r WHERE r.category = ? AND r.input_key IS NOT NULL""", [category]).df()
+    kept = {}
+    for run in runs.to_dict("records"):
+        if keys.get(run["model"]) == run["input_key"] and (int(run["n_scores"]), int(run["n_full"])) == rows:
+            kept[run["model"]] = run
+    return kept
+
+
 def run_baselines(
     con: duckdb.DuckDBPyConnection,
     category: str,
     settings: BaselineSettings | None = None,
     log: Callable[[str], None] | None = None,
+    *,
+    retrain: bool = False,
+    run_id: str | None = None,
 ) -> list[dict]:
     """Train ``settings.models`` on ``category``, score valid and test on every stored protocol and by full
     ranking, and replace the category's rows of baseline_scores, baseline_full_ranking and baseline_runs.
 
-    Returns one summary per model: model, epochs_run, best_epoch, best_valid_ndcg10, train_seconds, device,
-    n_users, settings, ``history`` ([(epoch, mean train loss, valid NDCG@10 or nan)]) and ``quick``
-    (tie-aware expected HR@10 / NDCG@10 per split and protocol, for logs; the reported metrics come from
-    the metrics module reading the tables).
+    A model whose input key (``baseline_key``) equals its stored run's, with all of its rows still stored, keeps
+    them instead of training again (``retrain`` trains every model regardless). ``run_id`` (the Dagster run) is
+    recorded on the rows this call trains.
+
+    Returns one summary per model: model, kept, trained_run_id, epochs_run, best_epoch, best_valid_ndcg10,
+    train_seconds (of the run that trained it), device, n_users, settings, ``history`` ([(epoch, mean train loss,
+    valid NDCG@10 or nan)]; empty when kept) and ``quick`` (tie-aware expected HR@10 / NDCG@10 per split and
+    protocol, for logs; None when kept; the reported metrics come from the metrics module reading the tables).
     """
     s = settings or BaselineSettings()
     log = log or (lambda _msg: None)
@@ -91,13 +145,29 @@ def run_baselines(
             if not len(users):
                 log(f"{category}: no stored {split} candidates for protocol {p}; only full ranking for that one")
     log(f"{category}: {data.n_users} users, {data.n_items} items, device {device}")
+    inputs = baseline_inputs(con, category)
+    keys = {name: baseline_key(name, inputs, s, device) for name in s.models}
+    kept = {} if retrain else kept_runs(con, category, keys, expected_rows(data, candidates))
 
     # Before any training: a category without usable titles fails here, not after the neural baselines' epochs.
-    text_model = title_overlap_model(con, category, data, s, log) if "title_overlap" in s.models else None
+    text_model = (title_overlap_model(con, category, data, s, log)
+                  if "title_overlap" in s.models and "title_overlap" not in kept else None)
     results: dict[str, dict[str, SplitResult]] = {}
     summaries = []
     with _torch_threads(s.torch_threads):
         for name in s.models:
+            if name in kept:
+                run = kept[name]
+                trained_by = None if pd.isna(run["trained_run_id"]) else run["trained_run_id"]
+                log(f"{category} {name}: kept the results trained " + (f"in Dagster run {trained_by}" if trained_by
+                    else "outside Dagster") + " (its inputs, settings, device and code are unchanged; retrain: "
+                    "true trains it again)")
+                summaries.append(dict(
+                    model=name, kept=True, trained_run_id=trained_by, epochs_run=int(run["epochs_run"]),
+                    best_epoch=int(run["best_epoch"]), best_valid_ndcg10=run["best_valid_ndcg10"],
+                    train_seconds=float(run["train_seconds"]), history=[], device=run["device"],
+                    n_users=data.n_users, settings=json.loads(run["settings"]), quick=None))
+                continue
             seed_everything(s.seed)
             t0 = time.perf_counter()
             if name in ("popularity", "title_overlap"):  # nothing to train
@@ -126,18 +196,21 @@ def run_baselines(
                 split: evaluate_split(scorer, data, split, candidates[split], s.eval_batch_users, device)
                 for split in SPLITS
             }
-            summary = dict(model=name, **fitted, device=str(device), n_users=data.n_users,
-                           settings=s.model_settings(name),
+            summary = dict(model=name, kept=False, trained_run_id=run_id, **fitted, device=str(device),
+                           n_users=data.n_users, settings=s.model_settings(name), input_key=keys[name],
                            quick={split: r.quick(10) for split, r in results[name].items()})
             log(f"{category} {name}: {json.dumps(summary['quick'])}")
             summaries.append(summary)
-    write_results(con, category, data, candidates, results, summaries)
+    write_results(con, category, data, candidates, results, [r for r in summaries if not r["kept"]], kept=set(kept))
     return summaries
 
 
-def write_results(con, category: str, data: SplitData, candidates, results, summaries) -> dict[str, int]:
-    """Replace the category's rows of the three output tables in one transaction. Returns rows per table."""
+def write_results(con, category: str, data: SplitData, candidates, results, summaries,
+                  kept: set[str] = frozenset()) -> dict[str, int]:
+    """Replace the category's rows of the three output tables, but those of the ``kept`` models, by ``results``
+    and the ``summaries`` of the models trained now, in one transaction. Returns rows per table."""
     ensure_tables(con, OUTPUT_TABLES)
+    trained_at = time.time()
     users = pd.DataFrame({"user_row": np.arange(data.n_users, dtype=np.int64), "user_id": data.user_ids.astype(str)})
     items = pd.DataFrame({"item_idx": np.arange(data.n_items + 1, dtype=np.int64), "item_id": data.item_ids.astype(str)})
     runs = pd.DataFrame({
@@ -149,14 +222,18 @@ def write_results(con, category: str, data: SplitData, candidates, results, summ
         "best_valid_ndcg10": [float(r["best_valid_ndcg10"]) for r in summaries],
         "train_seconds": [float(r["train_seconds"]) for r in summaries],
         "device": [r["device"] for r in summaries],
+        "input_key": [r.get("input_key") for r in summaries],
+        "trained_run_id": [r.get("trained_run_id") for r in summaries],
+        "trained_at": trained_at,
     })
     con.register("_bl_users", users)
     con.register("_bl_items", items)
     con.register("_bl_runs", runs)
     con.execute("BEGIN TRANSACTION")
     try:
-        for table in OUTPUT_TABLES:
-            con.execute(f"DELETE FROM {table} WHERE category = ?", [category])
+        for table in OUTPUT_TABLES:  # models no longer asked for go too
+            con.execute(f"DELETE FROM {table} WHERE category = ? AND model NOT IN (SELECT unnest(?::VARCHAR[]))",
+                        [category, sorted(kept)])
         con.execute("INSERT INTO baseline_runs BY NAME SELECT * FROM _bl_runs")
         for model, per_split in results.items():
             for split, r in per_split.items():

@@ -3,7 +3,6 @@ scoring the stored candidates. See ``srec.recommender`` for the method."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 import srec.prompts as _prompts
-from srec.db import partition_content_hash, replace_partition, table_exists
+from srec.db import partition_content_hash, replace_partition, run_key, table_exists
 from srec.models.generation import GenerationRequest
 from srec.recommender.data import (
     ItemInfo,
@@ -356,10 +355,6 @@ class TrainedVariant:
 # trainer starts a run afresh instead of resuming (or reusing) one from before the change.
 # 2: sliding-window models validate on their whole prefix; Qwen-VL, Idefics3 / SmolVLM and Gemma 3 images.
 TRAINING_CODE_VERSION = "2"
-
-
-def run_key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def train_variant(con, category: str, variant: Variant, base, load: Callable[[], object],

@@ -66,11 +66,14 @@ def _baseline_models(con, category: str) -> dict:
     """What each classic baseline row of the report is (from baseline_runs)."""
     if not table_exists(con, "baseline_runs"):
         return {}
-    runs = con.execute("SELECT model, settings, epochs_run, best_epoch FROM baseline_runs WHERE category = ? "
-                       "ORDER BY model", [category]).fetchall()
+    runs = con.execute("SELECT model, settings, epochs_run, best_epoch, trained_run_id FROM baseline_runs "
+                       "WHERE category = ? ORDER BY model", [category]).fetchall()
     if not runs:
         return {}
-    return {"baseline_models": "; ".join(f"`{m}`: {describe_baseline(m, json.loads(s), e, b)}" for m, s, e, b in runs)}
+    return {"baseline_models": "; ".join(
+        f"`{m}`: {describe_baseline(m, json.loads(s), e, b)}"
+        + (f", from Dagster run {r}" if r else "")  # an earlier run's when its inputs were unchanged
+        for m, s, e, b, r in runs)}
 
 
 class ReportConfig(dg.Config):
