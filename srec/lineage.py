@@ -369,8 +369,9 @@ def adapter_lineage(instance: dg.DagsterInstance, con: duckdb.DuckDBPyConnection
         "created": _iso(m.get("created_at")),
         "dagster_run_id": m.get("dagster_run_id"),
         "data": data,
-        "variants": {k: {f: v.get(f) for f in ("best_valid_auc", "base_valid_auc", "best_epoch", "epochs_run",
-                                               "prompt_version") if f in v}
+        "variants": {k: {**{f: v.get(f) for f in ("best_valid_auc", "base_valid_auc", "best_epoch", "epochs_run",
+                                                  "prompt_version", "reused", "trained_run_id") if f in v},
+                         **({"trained": _iso(v["trained_at"])} if v.get("trained_at") else {})}
                      for k, v in (m.get("variants") or {}).items()},
         "settings": m.get("settings"),
         "materialization": None if record is None else record_summary(
@@ -571,14 +572,17 @@ def format_adapter_lineage(d: dict, examples: int = 3) -> str:
            f"  folder:       {a['folder']}",
            f"  base model:   {a['base_model']} (fingerprint {a['base_fingerprint']})"
            + (", tiny random weights" if a["tiny_random_weights"] else ""),
-           f"  trained:      {a['created']} by run {a['dagster_run_id']}"]
+           f"  written:      {a['created']} by run {a['dagster_run_id']}"]
     if a.get("promotion"):
         pr = a["promotion"]
         out.append(f"  promotion:    {'promoted' if pr.get('promoted') else 'not promoted'}"
                    + (f" ({pr.get('reason')})" if pr.get("reason") else ""))
     for name, v in a["variants"].items():
+        trained = (f"; trained {v['trained']} by run {v['trained_run_id'] or '(outside Dagster)'}"
+                   if v.get("trained") else "")  # manifests from before srec recorded it have no such fields
         out.append(f"  variant:      {name}: valid AUC {_num(v.get('best_valid_auc'))} "
-                   f"(base {_num(v.get('base_valid_auc'))}), best epoch {v.get('best_epoch')}")
+                   f"(base {_num(v.get('base_valid_auc'))}), best epoch {v.get('best_epoch')}{trained}"
+                   + (" (a finished run this materialization reused)" if v.get("reused") else ""))
     out.append(f"  Dagster:      {_record_line(a['materialization'])}"
                + (" (confirmed)" if a["confirmed"] else ""))
     out += ["", f"captions: snapshot {c['snapshot']}"]

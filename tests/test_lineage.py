@@ -182,14 +182,16 @@ def test_lineage_across_two_retrains_with_changed_captions(scientific_with_image
 
 # --- without training -------------------------------------------------------------------------------
 
-def _fake_adapter(root, category: str, caption_snap: str, created_at: float, run_id: str = "run-x") -> str:
+def _fake_adapter(root, category: str, caption_snap: str, created_at: float, run_id: str = "run-x",
+                  variants: dict | None = None) -> str:
     staging = root / "lora_adapter" / category / f"_staging-{created_at}"
     (staging / "v").mkdir(parents=True)
     (staging / "v" / "adapter_model.safetensors").write_bytes(str(created_at).encode())
     manifest = {"category": category, "base_model": "m", "base_fingerprint": "f",
                 "data": {"caption_snapshot": caption_snap, "preference_snapshot": "p" + caption_snap},
                 "captions": [{"model": "cap", "fingerprint": "cf", "prompt_version": "caption_fused/v1+x"}],
-                "preferences": [], "settings": {}, "variants": {}, "dagster_run_id": run_id, "created_at": created_at}
+                "preferences": [], "settings": {}, "variants": variants or {}, "dagster_run_id": run_id,
+                "created_at": created_at}
     staged = artifacts.stage(staging, manifest)
     artifacts.store(staged, root / "lora_adapter", category, run_id)
     return staged.version
@@ -235,6 +237,24 @@ def test_an_instance_without_records_gives_notes_not_a_crash(tmp_path, db):
     used = lin.adapters_using_caption_snapshot(instance, db, tmp_path, "s1")
     assert [a["version"] for a in used["adapters"]] == [v1] and used["adapters"][0]["stored"]
     assert lin.adapter_lineage(instance, db, tmp_path, "beauty", v1[:6])["adapter"]["version"] == v1
+
+
+def test_variant_lines_name_the_run_that_trained_each_adapter(tmp_path, db):
+    """A set written by one run may hold adapters an earlier run trained (finished runs are reused)."""
+    fit = {"best_valid_auc": 0.6, "base_valid_auc": 0.5, "best_epoch": 1, "epochs_run": 2, "folder": "v"}
+    variants = {"lora:a": {**fit, "reused": True, "trained_run_id": "run-old", "trained_at": 1.6e9},
+                "lora:b": {**fit, "reused": False, "trained_run_id": "run-x", "trained_at": 1.7e9},
+                "lora:c": fit}  # a manifest from before srec recorded the training run
+    _fake_adapter(tmp_path, "beauty", "s1", 1.7e9, variants=variants)
+    d = lin.adapter_lineage(dg.DagsterInstance.ephemeral(), db, tmp_path, "beauty")
+    assert d["adapter"]["variants"]["lora:a"]["trained_run_id"] == "run-old"
+    lines = lin.format_adapter_lineage(d).splitlines()
+    assert "  written:      2023-11-14T22:13:20+00:00 by run run-x" in lines
+    assert ("  variant:      lora:a: valid AUC 0.6000 (base 0.5000), best epoch 1; trained 2020-09-13T12:26:40+00:00 "
+            "by run run-old (a finished run this materialization reused)") in lines
+    assert ("  variant:      lora:b: valid AUC 0.6000 (base 0.5000), best epoch 1; trained 2023-11-14T22:13:20+00:00 "
+            "by run run-x") in lines
+    assert "  variant:      lora:c: valid AUC 0.6000 (base 0.5000), best epoch 1" in lines
 
 
 def test_caption_snapshot_membership_is_append_only(db):

@@ -844,12 +844,18 @@ def test_finished_run_is_reused_only_with_its_key_and_best_adapter(tmp_path):
     best_adapter_dir(work).mkdir(parents=True)
     result = TrainResult(epochs_run=3, best_epoch=2, best_valid_auc=0.61, history=[{"epoch": e} for e in (1, 2, 3)],
                          seconds=12.5, resumed_from_epoch=1)
-    (work / FINISHED).write_text(json.dumps({"run_key": "k1", "valid_users": 7, "result": result.as_dict()}))
+    (work / FINISHED).write_text(json.dumps({"run_key": "k1", "valid_users": 7, "result": result.as_dict(),
+                                             "trained_run_id": "run-a", "trained_at": 1.7e9}))
     assert finished_run(work, "k1") is None  # no best adapter (a checkpoint cleared by another run)
     (best_adapter_dir(work) / "adapter_model.safetensors").write_bytes(b"weights")
-    done, users = finished_run(work, "k1")
+    finished = finished_run(work, "k1")
+    done, users = finished.result, finished.valid_users
     assert users == 7 and done.best_epoch == 2 and done.best_valid_auc == 0.61 and len(done.history) == 3
     assert done.resumed_from_epoch == 3 and done.seconds == 0.0  # nothing trained in this call
+    assert (finished.trained_run_id, finished.trained_at) == ("run-a", 1.7e9)
+    # a file from before srec recorded the training run still counts, without one
+    (work / FINISHED).write_text(json.dumps({"run_key": "k1", "valid_users": 7, "result": result.as_dict()}))
+    assert finished_run(work, "k1").trained_run_id is None
     assert finished_run(work, "k2") is None  # another configuration or data
     (work / FINISHED).write_text("{not json")
     assert finished_run(work, "k1") is None

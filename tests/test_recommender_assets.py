@@ -256,6 +256,10 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         runs = grown.manifest["variants"]
         assert [runs[v]["resumed_from_epoch"] for v in ("lora:fused+recurrent", "lora:text+none",
                                                         "lora:text+recurrent")] == [2, 2, 0]
+        # The manifest names the run that trained each adapter: the earlier one for a reused run.
+        assert [(runs[v]["reused"], runs[v]["trained_run_id"]) for v in ("lora:fused+recurrent", "lora:text+none",
+                "lora:text+recurrent")] == [(True, replaced.run_id), (True, replaced.run_id), (False, added.run_id)]
+        assert runs["lora:text+recurrent"]["trained_at"] > runs["lora:text+none"]["trained_at"]
         for v in ("lora:fused+recurrent", "lora:text+none"):
             assert runs[v]["seconds"] == 0.0, runs[v]  # finished runs: nothing encoded, validated or trained
             assert ((grown.adapter_path(v) / "adapter_model.safetensors").read_bytes()

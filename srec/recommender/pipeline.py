@@ -348,6 +348,14 @@ class TrainedVariant:
     result: TrainResult
     valid_users: int
     prompt_version: str
+    reused: bool = False          # a run that finished before: this call trained nothing
+    trained_run_id: str | None = None  # the Dagster run that trained it (None: outside Dagster, or unrecorded)
+    trained_at: float | None = None    # unix seconds, when that training finished
+
+    def manifest_entry(self) -> dict:
+        return {"folder": self.folder, "prompt_version": self.prompt_version, "valid_users": self.valid_users,
+                **self.result.as_dict(), "reused": self.reused, "trained_run_id": self.trained_run_id,
+                "trained_at": self.trained_at}
 
 
 # What an adapter becomes depends on this code too (training, and the validation scores early stopping reads):
@@ -359,16 +367,20 @@ TRAINING_CODE_VERSION = "2"
 
 def train_variant(con, category: str, variant: Variant, base, load: Callable[[], object],
                   settings: RecommenderSettings, *, seed: int, out_dir: Path, work_dir: Path, data_key: str,
-                  items: dict[str, ItemInfo], log: Log = print) -> TrainedVariant:
+                  items: dict[str, ItemInfo], log: Log = print, run_id: str | None = None) -> TrainedVariant:
     """Train one variant's adapter on its style's sft_examples; the best epoch's adapter goes to ``out_dir``.
     ``base``: the ModelSpec (or LoadedModel) of the base; ``load()`` loads a fresh copy, called only when there is
-    training to do. ``items``: ``load_items(con, category)``."""
+    training to do. ``items``: ``load_items(con, category)``. ``run_id``: the Dagster run, recorded as the one that
+    trained the adapter (a later call that reuses the finished run reports that run, not its own)."""
     key = run_key(TRAINING_CODE_VERSION, variant.name, settings.training_json(), base.fingerprint, data_key, seed)
     finished = finished_run(work_dir, key)
-    if finished is not None:  # the same run completed before: its best adapter stands, nothing to encode or train
-        result, n_valid = finished
+    reused = finished is not None
+    if reused:  # the same run completed before: its best adapter stands, nothing to encode or train
+        result, n_valid = finished.result, finished.valid_users
         log(f"{variant.name}: this run finished before (key {key[:12]}, {result.epochs_run} epochs, best epoch "
-            f"{result.best_epoch}, valid AUC {result.best_valid_auc:.4f}): its best adapter is reused")
+            f"{result.best_epoch}, valid AUC {result.best_valid_auc:.4f}, trained "
+            + (f"in Dagster run {finished.trained_run_id}" if finished.trained_run_id else "outside Dagster or "
+               "before srec recorded the run") + "): its best adapter is reused")
     else:
         loaded = load()
         if loaded.fingerprint != base.fingerprint:
@@ -382,21 +394,32 @@ def train_variant(con, category: str, variant: Variant, base, load: Callable[[],
                                    quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),
                                    log=lambda m: log(f"{variant.name}: {m}"))
         del model
+        finished = FinishedRun(result, n_valid, run_id, time.time())
         # After train_lora's last checkpoint: a run with another key clears work_dir (this file too) first.
         (work_dir / FINISHED).write_text(json.dumps({"run_key": key, "valid_users": n_valid,
-                                                     "result": result.as_dict()}))
+                                                     "result": result.as_dict(), "trained_run_id": run_id,
+                                                     "trained_at": finished.trained_at}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(best_adapter_dir(work_dir), out_dir)
-    return TrainedVariant(variant.name, out_dir.name, result, n_valid, style_prompt_versions(variant))
+    return TrainedVariant(variant.name, out_dir.name, result, n_valid, style_prompt_versions(variant),
+                          reused=reused, trained_run_id=finished.trained_run_id, trained_at=finished.trained_at)
 
 
 FINISHED = "finished.json"
 
 
-def finished_run(work_dir: Path, key: str) -> tuple[TrainResult, int] | None:
-    """(result, validation users) of a training run with this key that completed in ``work_dir``, with its best
-    adapter there; None when it did not (then ``train_lora`` resumes or starts it)."""
+@dataclass(frozen=True)
+class FinishedRun:
+    result: TrainResult
+    valid_users: int
+    trained_run_id: str | None    # None in files from before srec recorded it, or trained outside Dagster
+    trained_at: float | None
+
+
+def finished_run(work_dir: Path, key: str) -> FinishedRun | None:
+    """The training run with this key that completed in ``work_dir``, with its best adapter there; None when it
+    did not (then ``train_lora`` resumes or starts it)."""
     path = Path(work_dir) / FINISHED
     if not path.is_file() or not (best_adapter_dir(work_dir) / "adapter_model.safetensors").is_file():
         return None
@@ -408,7 +431,7 @@ def finished_run(work_dir: Path, key: str) -> tuple[TrainResult, int] | None:
         return None
     result = TrainResult(**done["result"])
     result.resumed_from_epoch, result.seconds = result.epochs_run, 0.0  # seconds: none spent in this call
-    return result, int(done["valid_users"])
+    return FinishedRun(result, int(done["valid_users"]), done.get("trained_run_id"), done.get("trained_at"))
 
 
 def validation_scorer(con, category: str, variant: Variant, loaded, settings: RecommenderSettings, *, seed: int,

@@ -175,9 +175,9 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
             data_key = {**data, "sft_examples": rec.sft_examples_version(con, cfg.name, variant.style)}
             done = rec.train_variant(con, cfg.name, variant, base, load, settings, seed=cfg.seed,
                                      out_dir=staging / slug, work_dir=root / "_work" / slug,
-                                     data_key=json.dumps(data_key, sort_keys=True), items=items, log=context.log.info)
-            entries[variant.name] = {"folder": slug, "prompt_version": done.prompt_version,
-                                     "valid_users": done.valid_users, **done.result.as_dict()}
+                                     data_key=json.dumps(data_key, sort_keys=True), items=items, log=context.log.info,
+                                     run_id=context.run.run_id)
+            entries[variant.name] = done.manifest_entry()
     describe = base.describe() if base else recommender.runner_settings().__dict__
     manifest = {
         "category": cfg.name,
@@ -211,7 +211,8 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     table = pd.DataFrame([{"variant": k, "valid AUC (best)": round(e["best_valid_auc"], 4),
                            "valid AUC (base)": round(e["base_valid_auc"], 4), "best epoch": e["best_epoch"],
                            "epochs": e["epochs_run"], "examples": e["train_examples"],
-                           "seconds": round(e["seconds"], 1)} for k, e in entries.items()])
+                           "seconds": round(e["seconds"], 1), "trained in run": e["trained_run_id"],
+                           "reused": e["reused"]} for k, e in entries.items()])
     gate = pd.DataFrame([{"variant": r.variant, "candidate valid AUC": round(r.candidate_valid_auc, 4),
                           "current valid AUC": None if r.current_valid_auc is None else round(r.current_valid_auc, 4),
                           "passed": r.passed} for r in decision.rows])
