@@ -273,8 +273,9 @@ def test_unchanged_models_keep_their_stored_results():
     tables = lambda: {t: con.execute(f"SELECT * FROM {t} WHERE category = ? ORDER BY ALL", [CAT]).fetchall()  # noqa: E731
                       for t in OUTPUT_TABLES}
     kept = lambda runs: {r["model"]: r["kept"] for r in runs}  # noqa: E731
-    first = run_baselines(con, CAT, BaselineSettings(**FAST), run_id="run-1")
-    assert not any(kept(first).values())
+    logged = []
+    first = run_baselines(con, CAT, BaselineSettings(**FAST), run_id="run-1", log=logged.append)
+    assert not any(kept(first).values()) and f"{CAT} sasrec: training (no stored results)" in logged
     before, logged = tables(), []
     again = run_baselines(con, CAT, BaselineSettings(**FAST), log=logged.append, run_id="run-2")
     assert all(r["kept"] and r["trained_run_id"] == "run-1" and r["history"] == [] for r in again)
@@ -283,7 +284,10 @@ def test_unchanged_models_keep_their_stored_results():
     assert sum("kept the results trained in Dagster run run-1" in m for m in logged) == 4
 
     # A setting of one model: only it trains. The thread count is not a setting of the results.
-    changed = run_baselines(con, CAT, BaselineSettings(**{**FAST, "gru_dropout": 0.2, "torch_threads": 2}))
+    logged.clear()
+    changed = run_baselines(con, CAT, BaselineSettings(**{**FAST, "gru_dropout": 0.2, "torch_threads": 2}),
+                            log=logged.append)
+    assert f"{CAT} gru4rec: training (its inputs, settings, device or code changed)" in logged
     assert kept(changed) == {"popularity": True, "sasrec": True, "gru4rec": False, "title_overlap": True}
     assert dict(con.execute("SELECT model, trained_run_id FROM baseline_runs WHERE category = ?", [CAT]).fetchall()
                 ) == {"popularity": "run-1", "sasrec": "run-1", "gru4rec": None, "title_overlap": "run-1"}
@@ -296,13 +300,25 @@ def test_unchanged_models_keep_their_stored_results():
     # A stored row gone: that model's results are incomplete, it trains again (and its rows are whole again).
     n_pop = con.execute("SELECT count(*) FROM baseline_scores WHERE category = ? AND model = 'popularity'",
                         [CAT]).fetchone()[0]
-    con.execute("DELETE FROM baseline_scores WHERE category = ? AND model = 'popularity' AND slot = 0 AND "
-                "user_id = (SELECT min(user_id) FROM baseline_scores WHERE category = ?)", [CAT, CAT])
-    assert kept(run_baselines(con, CAT, s))["popularity"] is False
+    (deleted,) = con.execute("DELETE FROM baseline_scores WHERE category = ? AND model = 'popularity' AND slot = 0 "
+                             "AND user_id = (SELECT min(user_id) FROM baseline_scores WHERE category = ?)",
+                             [CAT, CAT]).fetchone()
+    assert deleted == 4  # both splits, both protocols
+    logged.clear()
+    assert kept(run_baselines(con, CAT, s, log=logged.append))["popularity"] is False
+    assert f"{CAT} popularity: training (its stored results are incomplete ({n_pop - 4:,} of {n_pop:,} candidate " \
+           f"scores, 240 of 240 full-ranking rows))" in logged
     assert con.execute("SELECT count(*) FROM baseline_scores WHERE category = ? AND model = 'popularity'",
                        [CAT]).fetchone()[0] == n_pop
     # retrain: none kept; a model left out of the settings leaves the tables.
-    assert not any(kept(run_baselines(con, CAT, s, retrain=True)).values())
+    # Rows written before srec recorded input keys (migrated: NULL) train once.
+    con.execute("UPDATE baseline_runs SET input_key = NULL WHERE category = ? AND model = 'sasrec'", [CAT])
+    logged.clear()
+    assert kept(run_baselines(con, CAT, s, log=logged.append))["sasrec"] is False
+    assert f"{CAT} sasrec: training (its stored results predate input keys)" in logged
+    logged.clear()
+    assert not any(kept(run_baselines(con, CAT, s, retrain=True, log=logged.append)).values())
+    assert f"{CAT} sasrec: training (retrain: true)" in logged
     (only,) = run_baselines(con, CAT, BaselineSettings(**{**FAST, "models": ("sasrec",), "gru_dropout": 0.2}))
     assert only["kept"]
     for t in OUTPUT_TABLES:

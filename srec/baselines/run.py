@@ -95,21 +95,34 @@ def expected_rows(data: SplitData, candidates) -> tuple[int, int]:
 
 
 def kept_runs(con: duckdb.DuckDBPyConnection, category: str, keys: dict[str, str],
-              rows: tuple[int, int]) -> dict[str, dict]:
-    """The stored baseline_runs rows, by model, whose input key equals ``keys[model]`` and whose scores and
-    full-ranking rows are all still stored: results that training again would only repeat."""
+              rows: tuple[int, int]) -> tuple[dict[str, dict], dict[str, str]]:
+    """(kept, why not): the stored baseline_runs rows, by model, whose input key equals ``keys[model]`` and whose
+    scores and full-ranking rows are all still stored (results that training again would only repeat), and for
+    every other model of ``keys`` why it must train."""
     ensure_tables(con, OUTPUT_TABLES)
     runs = con.execute(
         """SELECT r.*, (SELECT count(*) FROM baseline_scores s WHERE s.category = r.category AND s.model = r.model)
                        AS n_scores,
                       (SELECT count(*) FROM baseline_full_ranking f WHERE f.category = r.category
                                                                      AND f.model = r.model) AS n_full
-           FROM baseline_runs r WHERE r.category = ? AND r.input_key IS NOT NULL""", [category]).df()
-    kept = {}
-    for run in runs.to_dict("records"):
-        if keys.get(run["model"]) == run["input_key"] and (int(run["n_scores"]), int(run["n_full"])) == rows:
-            kept[run["model"]] = run
-    return kept
+           FROM baseline_runs r WHERE r.category = ?""", [category]).df()
+    stored = {run["model"]: run for run in runs.to_dict("records")}
+    kept, why = {}, {}
+    for model, key in keys.items():
+        run = stored.get(model)
+        have = None if run is None else (int(run["n_scores"]), int(run["n_full"]))
+        if run is None:
+            why[model] = "no stored results"
+        elif pd.isna(run["input_key"]):
+            why[model] = "its stored results predate input keys"
+        elif run["input_key"] != key:
+            why[model] = "its inputs, settings, device or code changed"
+        elif have != rows:
+            why[model] = (f"its stored results are incomplete ({have[0]:,} of {rows[0]:,} candidate scores, "
+                          f"{have[1]:,} of {rows[1]:,} full-ranking rows)")
+        else:
+            kept[model] = run
+    return kept, why
 
 
 def run_baselines(
@@ -147,7 +160,9 @@ def run_baselines(
     log(f"{category}: {data.n_users} users, {data.n_items} items, device {device}")
     inputs = baseline_inputs(con, category)
     keys = {name: baseline_key(name, inputs, s, device) for name in s.models}
-    kept = {} if retrain else kept_runs(con, category, keys, expected_rows(data, candidates))
+    kept, why = kept_runs(con, category, keys, expected_rows(data, candidates))
+    if retrain:
+        kept, why = {}, dict.fromkeys(keys, "retrain: true")
 
     # Before any training: a category without usable titles fails here, not after the neural baselines' epochs.
     text_model = (title_overlap_model(con, category, data, s, log)
@@ -168,6 +183,7 @@ def run_baselines(
                     train_seconds=float(run["train_seconds"]), history=[], device=run["device"],
                     n_users=data.n_users, settings=json.loads(run["settings"]), quick=None))
                 continue
+            log(f"{category} {name}: training ({why[name]})")
             seed_everything(s.seed)
             t0 = time.perf_counter()
             if name in ("popularity", "title_overlap"):  # nothing to train
