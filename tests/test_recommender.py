@@ -239,9 +239,13 @@ def test_gemma3_bidirectional_images_and_sliding_window_score_like_a_full_forwar
     """Gemma 3: an image's soft tokens attend to each other both ways (token_type_ids, which the model reads by key
     position, so a suffix's types follow the cached prefix's), and its sliding-window layer counts distance in
     cache slots, so padding between the prefix and a short suffix would move the window: where it can bind, the
-    scorer batches suffixes of one length. Scores equal the model's own full forward per candidate."""
+    scorer pads suffixes on the right and reads each row's answer at its own last token. Scores equal the model's
+    own full forward per candidate, in mixed-length batches too."""
+    import transformers
+
     import srec.recommender.scoring as scoring
 
+    plan = scoring.plan_batches
     gemma = tiny_gemma3(tiny_models["captioner"])
     items = _items_showing_shapes(tmp_path, [(192, 80), (80, 192), (40, 30)])
     enc = PromptEncoder(gemma, max_length=2048)
@@ -260,9 +264,18 @@ def test_gemma3_bidirectional_images_and_sliding_window_score_like_a_full_forwar
     assert np.ptp(naive) > 1e-3
     # The image tokens' two-way attention moves these scores by about 7e-5 on this random model: the tolerance
     # here is tighter than elsewhere (seen agreeing to 6e-8).
-    for batch_size in (len(encoded), 3):
-        shared = score_shared_prefix(gemma.model, fitted.ids, encoded, pad_id=pad, batch_size=batch_size, **kw)
+    batches = []
+    with monkeypatch.context() as m:
+        m.setattr(scoring, "plan_batches", lambda lengths, *a, **k: batches.append(plan(lengths, *a, **k)) or batches[-1])
+        for batch_size in (len(encoded), 3):
+            shared = score_shared_prefix(gemma.model, fitted.ids, encoded, pad_id=pad, batch_size=batch_size, **kw)
+            np.testing.assert_allclose(shared, naive, atol=5e-6, rtol=0)
+        # ... and where transformers takes no per-row logits positions: the rows' distinct last positions
+        m.delattr(transformers.modeling_utils, "slice_logits_to_keep")
+        shared = score_shared_prefix(gemma.model, fitted.ids, encoded, pad_id=pad, batch_size=len(encoded), **kw)
         np.testing.assert_allclose(shared, naive, atol=5e-6, rtol=0)
+    lengths = [len(e.ids) for e in encoded]
+    assert any(len({lengths[i] for i in b}) > 1 for planned in batches for b in planned)  # padded batches ran
     _assert_a_mixed_batch_trains_like_its_rows_alone(gemma, enc, fitted, encoded)
     names = lora_target_modules(gemma.model)
     assert names and all(".language_model." in n for n in names)  # not the SigLIP tower or the projector
@@ -271,7 +284,7 @@ def test_gemma3_bidirectional_images_and_sliding_window_score_like_a_full_forwar
         m.setattr(scoring, "token_type_inputs", lambda model, ids, cached=0: {})
         no_types = score_shared_prefix(gemma.model, fitted.ids, encoded, pad_id=pad, batch_size=3, **kw)
     assert np.abs(no_types - naive)[:-1].max() > 1e-5
-    # ... and with padded batches under the window, far more (seen: by 0.38).
+    # ... and with left-padded batches under the window, far more (seen: by 0.38).
     with monkeypatch.context() as m:
         m.setattr(scoring, "sliding_window", lambda model: None)
         padded = score_shared_prefix(gemma.model, fitted.ids, encoded, pad_id=pad, batch_size=len(encoded), **kw)
@@ -795,8 +808,6 @@ def test_batches_are_planned_by_length_to_save_padding():
     assert all(len(b) <= 8 for b in plan_batches(lengths, max_batch=8))
     assert plan_batches([100] * 21, max_batch=32) == [list(range(21))]       # equal lengths: one call
     assert plan_batches([], max_batch=4) == []
-    # Under a binding sliding window: no padding, one length a batch, still every candidate once.
-    assert plan_batches([5, 7, 5, 7, 7, 9, 5], max_batch=2, equal_lengths=True) == [[0, 2], [6], [1, 3], [4], [5]]
 
 
 def test_scoring_key_follows_every_input_of_the_scores_but_not_the_batch_size():

@@ -136,9 +136,11 @@ def token_type_inputs(model, ids, cached: int = 0) -> dict:
     return {"token_type_ids": types}
 
 
-def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | None], mask, offset: int = 0):
-    """Rotary position ids of left-padded ``rows`` (``mask`` from ``pad_batch``) whose first real token sits at
-    ``offset``: 0 for whole prompts, the prefix's length for suffixes run on a cached prefix.
+def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | None], mask, offset: int = 0, *,
+                 left: bool = True):
+    """Rotary position ids of ``rows`` padded on the left (or the right: ``left=False``; ``mask`` from
+    ``pad_batch``) whose first real token sits at ``offset``: 0 for whole prompts, the prefix's length for suffixes
+    run on a cached prefix.
 
     1-D models: [B, L], counting real tokens. ``MROPE_MODEL_TYPES``: [3, B, L] from the model's ``get_rope_index``;
     an image's tokens take (time, height, width) positions and the text after it resumes at the image's largest
@@ -160,7 +162,8 @@ def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | N
         row = torch.tensor([list(ids)])
         pos, _ = rope_index(row, mm_token_type_ids=image_token_types(model, row),
                             image_grid_thw=v["image_grid_thw"].cpu())
-        out[:, i, width - len(ids):] = pos[:, 0] + offset
+        real = slice(width - len(ids), width) if left else slice(0, len(ids))
+        out[:, i, real] = pos[:, 0] + offset
     return out.to(mask.device)
 
 

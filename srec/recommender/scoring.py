@@ -2,11 +2,12 @@
 
 ``score_shared_prefix`` encodes a user's prefix once and reuses its KV cache for every candidate: the
 candidates' suffixes run in batches on top of a batch view of the prefix cache (left-padded, so every
-row's answer position is the last one and only that position's logits are computed; unpadded batches of one
-length where a sliding attention window could bind). Rotary positions and image token types come from
-``position_ids`` and ``token_type_inputs``, offset by the prefix. ``score_naive`` is the reference: one full
-forward over prefix + suffix per candidate, positions and masks as the model builds them itself. Both read the
-same two logits, so they agree to float round-off (tested to 1e-4 on every supported family).
+row's answer position is the last one and only that position's logits are computed; right-padded where a
+sliding attention window could bind, the logits read at each row's own last token). Rotary positions and image
+token types come from ``position_ids`` and ``token_type_inputs``, offset by the prefix. ``score_naive`` is the
+reference: one full forward over prefix + suffix per candidate, positions and masks as the model builds them
+itself. Both read the same two logits, so they agree to float round-off (tested to 1e-4 on every supported
+family).
 """
 from __future__ import annotations
 
@@ -31,23 +32,13 @@ def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
 CALL_COST_TOKENS = 256
 
 
-def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_COST_TOKENS, *,
-                 equal_lengths: bool = False) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], max_batch: int, call_cost: int = CALL_COST_TOKENS) -> list[list[int]]:
     """Split candidates into batches that waste little on padding: sorted by length, cut where the padded tokens
     saved outweigh the cost of another call (optimal for that cost model, by dynamic programming).
 
     Every row of a batch is padded to its longest suffix, so one batch of 21 suffixes of 106..265 tokens
-    computes 21 x 265; two or three batches of similar lengths compute close to the sum of the lengths.
-    ``equal_lengths``: no padding at all, a batch holds suffixes of one length (see ``score_shared_prefix``)."""
+    computes 21 x 265; two or three batches of similar lengths compute close to the sum of the lengths."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    if equal_lengths:
-        batches: list[list[int]] = []
-        for i in order:
-            if batches and lengths[batches[-1][0]] == lengths[i] and len(batches[-1]) < max_batch:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        return batches
     n = len(order)
     best = [0.0] + [float("inf")] * n        # best[j]: cost of the first j sorted rows
     cut = [0] * (n + 1)
@@ -72,6 +63,21 @@ def sliding_window(model) -> int | None:
     if not window or (layer_types is not None and "sliding_attention" not in layer_types):
         return None
     return int(window)
+
+
+def answer_logits_to_keep(mask):
+    """(``logits_to_keep``, pick) for right-padded rows: the model computes logits only at the rows' last real
+    tokens, and ``pick(logits)`` gives them as [B, 1, V], one row each. Per-row positions (a [B, 1] tensor) where
+    transformers takes them (``slice_logits_to_keep``); otherwise the distinct last positions for every row
+    (a 1-D tensor, [B, k, V] logits), each row then taking its own."""
+    import torch  # noqa: PLC0415
+    import transformers.modeling_utils as modeling_utils  # noqa: PLC0415
+
+    last = mask.sum(-1) - 1
+    if hasattr(modeling_utils, "slice_logits_to_keep"):
+        return last[:, None], lambda logits: logits
+    kept, column = torch.unique(last, sorted=True, return_inverse=True)
+    return kept, lambda logits: logits[torch.arange(len(last), device=logits.device), column][:, None]
 
 
 def cache_argument(model) -> str:
@@ -100,24 +106,27 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
         model(input_ids=torch.tensor([list(prefix_ids)], device=device), use_cache=True, logits_to_keep=1,
               **{cache_name: prefix_cache})
         kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
-        # The left padding between the cached prefix and a short suffix counts as distance in a sliding window's
-        # mask (it is measured in cache slots), so where the window can bind, batches hold one length, unpadded.
+        # Left padding between the cached prefix and a short suffix would count as distance in a sliding window's
+        # mask (it is measured in cache slots), so where the window can bind, suffixes are padded on the right:
+        # every real token then sits at its true distance, and the answer is read at each row's last real token.
         window = sliding_window(model)
-        unpadded = window is not None and p + max(len(it.ids) for it in items) >= window
-        for rows in plan_batches([len(it.ids) for it in items], batch_size, equal_lengths=unpadded):
+        right = window is not None and p + max(len(it.ids) for it in items) >= window
+        for rows in plan_batches([len(it.ids) for it in items], batch_size):
             batch = [items[i] for i in rows]
             b = len(batch)
-            ids, mask = pad_batch([it.ids for it in batch], pad_id, left=True)
+            ids, mask = pad_batch([it.ids for it in batch], pad_id, left=not right)
             ids, mask = ids.to(device), mask.to(device)
+            keep, pick = answer_logits_to_keep(mask) if right else (1, lambda logits: logits)
             # A view of the prefix cache per row: each layer concatenates it with the suffix's keys/values into
             # new tensors, so the prefix tensors are never modified and serve every batch.
             cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
             full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
-            positions = position_ids(model, [it.ids for it in batch], [it.vision for it in batch], mask, offset=p)
+            positions = position_ids(model, [it.ids for it in batch], [it.vision for it in batch], mask, offset=p,
+                                     left=not right)
             res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{cache_name: cache},
-                        use_cache=True, logits_to_keep=1, **vision_batch([it.vision for it in batch], device, dtype),
+                        use_cache=True, logits_to_keep=keep, **vision_batch([it.vision for it in batch], device, dtype),
                         **token_type_inputs(model, ids, cached=p))
-            out[rows] = _p_yes(res.logits, yes_id, no_id)
+            out[rows] = _p_yes(pick(res.logits), yes_id, no_id)
     return out
 
 
