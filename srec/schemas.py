@@ -252,6 +252,7 @@ def _value_checks(settings: FilterSettings) -> dict[str, dict[str, list[pa.Check
         },
         "sft_example_settings": {
             "settings": [_is_json_object()], "sft_examples_version": [_non_empty_str()], "built_at": [_finite()],
+            "input_key": [_non_empty_str()], "stats": [_is_json_object()], "built_run_id": [_non_empty_str()],
         },
         "recommender_runs": {
             "model": [_non_empty_str()], "variant": [_non_empty_str()], "base_model": [_non_empty_str()],

@@ -270,7 +270,11 @@ TABLES: dict[str, str] = {
         category VARCHAR NOT NULL,
         settings VARCHAR NOT NULL,   -- JSON: RecommenderSettings.example_json(), data_seed, styles
         sft_examples_version VARCHAR NOT NULL,  -- the sft_examples content hash these settings produced
-        built_at DOUBLE NOT NULL     -- unix seconds
+        built_at DOUBLE NOT NULL,    -- unix seconds
+        -- Added after the first release (NULL in rows from before; srec.db.add_missing_columns adds them):
+        input_key VARCHAR,           -- what the rows depend on (srec.recommender.pipeline.sft_input_key)
+        stats VARCHAR,               -- JSON: the build's counts (SftStats), shown again when the rows are kept
+        built_run_id VARCHAR         -- the Dagster run that built the rows
     """,
     # The MLLM recommender's P(yes) / (P(yes) + P(no)) for stored candidates: the columns of baseline_scores.
     "recommender_scores": """

@@ -844,6 +844,42 @@ def test_scoring_key_follows_every_input_of_the_scores_but_not_the_batch_size():
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
 
 
+def test_sft_input_key_follows_what_the_rows_depend_on():
+    """sft_examples keeps its rows by this key: any input hash, example setting, the seed, the trained styles, the
+    base's name or files change it; the base's numerics and device only where a chain-of-thought style has the
+    base generate its reasoning; the scoring-only settings never."""
+    from types import SimpleNamespace
+
+    from srec.recommender.pipeline import sft_input_key
+
+    def base(model="m", fingerprint="f1", dtype="float32", device="cpu"):
+        identity = SimpleNamespace(generation=(("dtype", dtype), ("quantization", None)))
+        return SimpleNamespace(settings=SimpleNamespace(model=model), fingerprint=fingerprint, identity=identity,
+                               device=device)
+
+    inputs = {"interactions": "i1", "caption_snapshot": "c1"}
+    plain = RecommenderSettings(variants=("lora:fused+recurrent",))
+    cot = RecommenderSettings(variants=("lora:fused+recurrent+cot",))
+    key = sft_input_key(inputs, plain, 7, base())
+    changed = [sft_input_key({**inputs, "caption_snapshot": "c2"}, plain, 7, base()),
+               sft_input_key(inputs, RecommenderSettings(variants=plain.variants, history_items=3), 7, base()),
+               sft_input_key(inputs, RecommenderSettings(variants=plain.variants, negatives_per_positive=2), 7, base()),
+               sft_input_key(inputs, plain, 8, base()),
+               sft_input_key(inputs, RecommenderSettings(variants=("lora:text+none",)), 7, base()),
+               sft_input_key(inputs, cot, 7, base()),
+               sft_input_key(inputs, plain, 7, base(model="elsewhere")),
+               sft_input_key(inputs, plain, 7, base(fingerprint="f2"))]
+    assert key not in changed and len(set(changed)) == len(changed)
+    # zero-shot rows are not built; scoring settings and a GPU do not change what a plain style's rows are
+    same = [sft_input_key(inputs, RecommenderSettings(variants=(*plain.variants, "zero-shot:text+none")), 7, base()),
+            sft_input_key(inputs, RecommenderSettings(variants=plain.variants, score_batch_size=3), 7, base()),
+            sft_input_key(inputs, plain, 7, base(dtype="bfloat16", device="cuda:0"))]
+    assert set(same) == {key}
+    cot_key = sft_input_key(inputs, cot, 7, base())
+    assert cot_key != sft_input_key(inputs, cot, 7, base(dtype="bfloat16"))
+    assert cot_key != sft_input_key(inputs, cot, 7, base(device="cuda:0"))
+
+
 def test_finished_run_is_reused_only_with_its_key_and_best_adapter(tmp_path):
     import json
 

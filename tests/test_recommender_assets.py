@@ -112,6 +112,22 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
                 trained_by = con.execute("SELECT trained_run_id FROM baseline_runs").fetchall()
             assert trained_by == [(baselines.run_id if retrain else result.run_id,)]
 
+        # Nothing changed: sft_examples keeps its rows without loading the base; rebuild: true builds the same rows.
+        built = result.asset_materializations_for_node("sft_examples")[0]
+        sft_loads = []
+        with monkeypatch.context() as patched:
+            patched.setattr(resources_models, "LoadedModel",
+                            lambda settings: sft_loads.append(settings) or LoadedModel(settings))
+            for rebuild in (False, True):
+                again = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources,
+                                       instance=instance, selection=dg.AssetSelection.assets(sft_examples),
+                                       run_config={"ops": {"sft_examples": {"config": {**REC, "rebuild": rebuild}}}})
+                assert again.success
+                md = again.asset_materializations_for_node("sft_examples")[0]
+                assert md.metadata["kept"].value is not rebuild and len(sft_loads) == int(rebuild)
+                assert md.metadata["rows"].value == built.metadata["rows"].value
+                assert md.tags["dagster/data_version"] == built.tags["dagster/data_version"]
+
         # Nothing changed: recommender_scores keeps every variant's stored scores (the same rows, the same version)
         # instead of scoring them again; rescore: true scores them all again, to the same values.
         first = _scoring(storage.database)

@@ -132,6 +132,7 @@ GOOD: dict[str, dict[str, list]] = {
     "sft_example_settings": {
         "category": ["c", "d"], "settings": ['{"history_items": 20}', '{"history_items": 10}'],
         "sft_examples_version": ["v1", "v2"], "built_at": [1.7e9, 1.8e9],
+        "input_key": ["k1", None], "stats": ['{"rows": 2}', None], "built_run_id": ["r1", None],  # None: older srec
     },
     "recommender_runs": {
         "category": ["c", "c"], "model": ["LLM lora:fused+recurrent @ m", "LLM zero-shot:fused+recurrent @ m"],

@@ -7,7 +7,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import duckdb
@@ -155,9 +155,47 @@ class SftStats:
     version: str = ""             # the sft_examples content hash (its DataVersion)
 
 
+# What sft_examples' rows are, from the same inputs, depends on this code: bump it when that changes. It is the
+# asset's code_version and part of its input key, so rows built by older code are built again.
+SFT_CODE_VERSION = "1"
+
+
+def sft_input_key(inputs: dict[str, str], settings: RecommenderSettings, seed: int, base) -> str:
+    """Everything ``build_sft_examples`` writes depends on (``base``: the ModelSpec or LoadedModel it would use):
+    the inputs' content hashes (``scoring_inputs``: interactions, item texts and images, caption and preference
+    snapshots, candidates), the example settings and seed, the trained styles and their prompt versions, the base
+    by name (a column of the rows) and fingerprint (its tokenizer counts the tokens), and for chain-of-thought
+    styles, whose reasoning the base generates, its numerics and device type too; and this code."""
+    styles = list(dict.fromkeys(v.style for v in settings.parsed_variants if v.trains))
+    cot = any(Variant.parse("lora:" + s).cot for s in styles)
+    return run_key({
+        "code": SFT_CODE_VERSION, "inputs": inputs, "settings": example_settings(settings, seed),
+        "styles": {s: style_prompt_versions(Variant.parse("lora:" + s)) for s in styles},
+        "base": {"model": base.settings.model, "fingerprint": base.fingerprint,
+                 "generation": {"numerics": dict(base.identity.generation), "device": str(base.device).split(":")[0]}
+                 if cot else None},
+    })
+
+
+def kept_sft_examples(con, category: str, key: str) -> tuple[SftStats, str | None] | None:
+    """(the stats of the build, the run that built them) when the stored rows were built under ``key`` and are
+    still what that build wrote (their content hash); None otherwise (build them)."""
+    if not table_exists(con, "sft_example_settings"):
+        return None
+    row = con.execute("SELECT input_key, stats, sft_examples_version, built_run_id FROM sft_example_settings "
+                      "WHERE category = ?", [category]).fetchone()
+    if row is None or row[0] != key or row[1] is None or sft_examples_version(con, category) != row[2]:
+        return None
+    stats = SftStats(**json.loads(row[1]))
+    stats.seconds = 0.0  # none spent in this call
+    return stats, row[3]
+
+
 def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, settings: RecommenderSettings, *,
-                       seed: int, log: Log = print) -> SftStats:
-    """Write ``category``'s ``sft_examples``: every trained variant's prompt style x every planned example."""
+                       seed: int, log: Log = print, input_key: str | None = None,
+                       run_id: str | None = None) -> SftStats:
+    """Write ``category``'s ``sft_examples``: every trained variant's prompt style x every planned example.
+    ``input_key`` (``sft_input_key``) and ``run_id`` are recorded with the settings, for ``kept_sft_examples``."""
     t0 = time.perf_counter()
     trained = [v for v in settings.parsed_variants if v.trains]
     stats = SftStats()
@@ -200,14 +238,15 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
     frame = pd.DataFrame(records, columns=SFT_COLUMNS)
     stats.rows = write_table(con, "sft_examples", category, frame, SFT_CASTS)
     stats.version = sft_examples_version(con, category)
-    recorded = {**example_settings(settings, seed), "styles": stats.styles}
-    write_table(con, "sft_example_settings", category, pd.DataFrame([{
-        "category": category, "settings": json.dumps(recorded, sort_keys=True), "sft_examples_version": stats.version,
-        "built_at": time.time()}]))
     if len(frame):
         stats.max_prompt_tokens = int(frame["prompt_tokens"].max())
         stats.mean_prompt_tokens = float(frame["prompt_tokens"].mean())
     stats.seconds = time.perf_counter() - t0
+    recorded = {**example_settings(settings, seed), "styles": stats.styles}
+    write_table(con, "sft_example_settings", category, pd.DataFrame([{
+        "category": category, "settings": json.dumps(recorded, sort_keys=True), "sft_examples_version": stats.version,
+        "built_at": time.time(), "input_key": input_key, "stats": json.dumps(asdict(stats), sort_keys=True),
+        "built_run_id": run_id}]))
     return stats
 
 

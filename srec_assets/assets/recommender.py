@@ -82,24 +82,41 @@ def _base_spec(recommender: ModelRunner, variant: Variant):
     return recommender.spec(quantization=_base_quantization(recommender, variant))
 
 
+class SftConfig(RecommenderConfig):
+    """RecommenderConfig, plus: ``rebuild`` builds the rows afresh even when their input key (the same inputs,
+    settings, base and code) says the stored ones are what a build would write."""
+
+    rebuild: bool = False
+
+
 @dg.asset(
     pool="gpu",
     partitions_def=category_partitions,
     group_name="recommender",
     kinds={"duckdb", "transformers"},
-    code_version="1",
+    code_version=rec.SFT_CODE_VERSION,
     deps=[user_preferences, item_captions, item_images, interactions],
     description=("Per training target: the instruction (profile + preference + recent items + candidate image and "
-                 "caption) and the answer Yes./No., negatives balanced, for each trained variant's prompt style."),
+                 "caption) and the answer Yes./No., negatives balanced, for each trained variant's prompt style. "
+                 "Rows whose inputs, settings, base and code are unchanged are kept (rebuild: true builds them)."),
 )
-def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, storage: SrecStorage,
+def sft_examples(context: dg.AssetExecutionContext, config: SftConfig, storage: SrecStorage,
                  recommender: ModelRunner) -> dg.MaterializeResult:
     cfg = category_config(context)
     settings = recommender_settings(context, config)
     _check_cuda(settings, recommender)
     with storage.connect() as con:
-        stats = rec.build_sft_examples(con, cfg.name, recommender.loaded, settings, seed=cfg.seed,
-                                       log=context.log.info)
+        # The key from the base's files: kept rows need neither its weights nor (chain of thought) its generation.
+        key = rec.sft_input_key(rec.scoring_inputs(con, cfg.name), settings, cfg.seed, recommender.spec())
+        kept = None if config.rebuild else rec.kept_sft_examples(con, cfg.name, key)
+        if kept is not None:
+            stats, built_by = kept
+            context.log.info(f"sft_examples {cfg.name}: kept the {stats.rows:,} rows built "
+                             + (f"in Dagster run {built_by}" if built_by else "outside Dagster")
+                             + " (their inputs, settings, base and code are unchanged; rebuild: true builds them again)")
+        else:
+            stats = rec.build_sft_examples(con, cfg.name, recommender.loaded, settings, seed=cfg.seed,
+                                           log=context.log.info, input_key=key, run_id=context.run.run_id)
         sample = con.execute(
             "SELECT style, label, prefix_text || suffix_text || ' -> ' || answer AS prompt FROM sft_examples "
             "WHERE category = ? ORDER BY user_id, style, label DESC LIMIT 2", [cfg.name]).fetch_df()
@@ -112,6 +129,7 @@ def sft_examples(context: dg.AssetExecutionContext, config: RecommenderConfig, s
             "candidate_texts_cut": dg.MetadataValue.json(stats.candidate_texts_cut),
             "max_prompt_tokens": stats.max_prompt_tokens,
             "mean_prompt_tokens": round(stats.mean_prompt_tokens, 1), "seconds": round(stats.seconds, 1),
+            "kept": kept is not None,
             "recommender": recommender.model,
             "example": dg.MetadataValue.md("\n\n".join(f"**{r.style}, label {r.label}**\n\n```\n{r.prompt}\n```"
                                                        for r in sample.itertuples())),
