@@ -160,9 +160,10 @@ def run_baselines(
     log(f"{category}: {data.n_users} users, {data.n_items} items, device {device}")
     inputs = baseline_inputs(con, category)
     keys = {name: baseline_key(name, inputs, s, device) for name in s.models}
-    kept, why = kept_runs(con, category, keys, expected_rows(data, candidates))
     if retrain:
         kept, why = {}, dict.fromkeys(keys, "retrain: true")
+    else:
+        kept, why = kept_runs(con, category, keys, expected_rows(data, candidates))
 
     # Before any training: a category without usable titles fails here, not after the neural baselines' epochs.
     text_model = (title_overlap_model(con, category, data, s, log)
