@@ -880,6 +880,47 @@ def test_sft_input_key_follows_what_the_rows_depend_on():
     assert cot_key != sft_input_key(inputs, cot, 7, base(device="cuda:0"))
 
 
+def test_validation_key_follows_what_validation_reads_but_not_training_settings():
+    from types import SimpleNamespace
+
+    from srec.recommender.pipeline import validation_key
+
+    def base(fingerprint="f1", dtype="float32", device="cpu"):
+        return SimpleNamespace(fingerprint=fingerprint, device=device,
+                               identity=SimpleNamespace(generation=(("dtype", dtype), ("quantization", None))))
+
+    inputs, v = {"interactions": "i1", "item_images": "m1"}, Variant.parse("lora:fused+recurrent")
+    s = RecommenderSettings()
+    key = validation_key(inputs, v, base(), s, 7)
+    changed = [validation_key({**inputs, "item_images": "m2"}, v, base(), s, 7),
+               validation_key(inputs, Variant.parse("lora:text+recurrent"), base(), s, 7),
+               validation_key(inputs, v, base(fingerprint="f2"), s, 7),
+               validation_key(inputs, v, base(dtype="bfloat16"), s, 7),
+               validation_key(inputs, v, base(device="cuda:0"), s, 7),
+               validation_key(inputs, v, base(), RecommenderSettings(history_items=3), 7),
+               validation_key(inputs, v, base(), RecommenderSettings(valid_users=5), 7),
+               validation_key(inputs, v, base(), s, 8)]
+    assert key not in changed and len(set(changed)) == len(changed)
+    # how the adapter was trained is the adapter's, not the validation's
+    assert key == validation_key(inputs, v, base(), RecommenderSettings(learning_rate=0.5, epochs=9), 7)
+    # the device index is not the device type
+    assert validation_key(inputs, v, base(device="cuda:0"), s, 7) == validation_key(inputs, v, base(device="cuda:1"),
+                                                                                    s, 7)
+
+
+def test_the_gate_takes_recorded_aucs_only_under_the_same_validation_key():
+    from srec.recommender.pipeline import current_valid_aucs
+
+    variants = {"lora:a": {"best_valid_auc": 0.61, "validation_key": "k"},
+                "lora:b": {"best_valid_auc": 0.55, "validation_key": "old"},
+                "lora:c": {"best_valid_auc": 0.58}}  # a manifest from before validation keys
+    rescored, logged = [], []
+    got = current_valid_aucs(variants, {"lora:a": "k", "lora:b": "k", "lora:c": "k"},
+                             lambda name: rescored.append(name) or 0.5, log=logged.append)
+    assert got == {"lora:a": 0.61, "lora:b": 0.5, "lora:c": 0.5} and rescored == ["lora:b", "lora:c"]
+    assert "as recorded" in logged[0] and "other inputs or settings" in logged[1] and "predates" in logged[2]
+
+
 def test_finished_run_is_reused_only_with_its_key_and_best_adapter(tmp_path):
     import json
 
@@ -892,17 +933,18 @@ def test_finished_run_is_reused_only_with_its_key_and_best_adapter(tmp_path):
     result = TrainResult(epochs_run=3, best_epoch=2, best_valid_auc=0.61, history=[{"epoch": e} for e in (1, 2, 3)],
                          seconds=12.5, resumed_from_epoch=1)
     (work / FINISHED).write_text(json.dumps({"run_key": "k1", "valid_users": 7, "result": result.as_dict(),
-                                             "trained_run_id": "run-a", "trained_at": 1.7e9}))
+                                             "trained_run_id": "run-a", "trained_at": 1.7e9,
+                                             "validation_key": "vk"}))
     assert finished_run(work, "k1") is None  # no best adapter (a checkpoint cleared by another run)
     (best_adapter_dir(work) / "adapter_model.safetensors").write_bytes(b"weights")
     finished = finished_run(work, "k1")
     done, users = finished.result, finished.valid_users
     assert users == 7 and done.best_epoch == 2 and done.best_valid_auc == 0.61 and len(done.history) == 3
     assert done.resumed_from_epoch == 3 and done.seconds == 0.0  # nothing trained in this call
-    assert (finished.trained_run_id, finished.trained_at) == ("run-a", 1.7e9)
+    assert (finished.trained_run_id, finished.trained_at, finished.validation_key) == ("run-a", 1.7e9, "vk")
     # a file from before srec recorded the training run still counts, without one
     (work / FINISHED).write_text(json.dumps({"run_key": "k1", "valid_users": 7, "result": result.as_dict()}))
-    assert finished_run(work, "k1").trained_run_id is None
+    assert finished_run(work, "k1").trained_run_id is None and finished_run(work, "k1").validation_key is None
     assert finished_run(work, "k2") is None  # another configuration or data
     (work / FINISHED).write_text("{not json")
     assert finished_run(work, "k1") is None

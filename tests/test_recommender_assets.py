@@ -9,7 +9,7 @@ from peft import PeftModel
 
 import resources.models as resources_models
 from srec.models.runner import LoadedModel, RunnerSettings
-from srec.recommender import artifacts
+from srec.recommender import artifacts, pipeline
 from srec.recommender.pipeline import sft_examples_version
 from srec.recommender.settings import Variant
 from srec_assets.assets.baselines import baseline_scores
@@ -199,11 +199,27 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
 
         # Retrain with another learning rate: a new version, gated against the current one re-scored on the
         # same validation candidates; the decision follows the figures it records.
+        # The inputs and validation settings are those the current adapter was validated under, so the gate takes
+        # its recorded AUCs instead of scoring it again; scoring it again here gives the same figures.
         retrain = {**REC, "learning_rate": 0.02, "promotion_margin": 0.0}
-        again = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
-                               run_config={"ops": {"lora_adapter": {"config": retrain}}},
-                               selection=dg.AssetSelection.assets(lora_adapter))
+        gate_calls = []
+        with monkeypatch.context() as patched:
+            recorded_aucs = pipeline.current_valid_aucs
+
+            def both_ways(current_variants, keys, rescore, log=print):
+                rescored = []
+                got = recorded_aucs(current_variants, keys, lambda name: rescored.append(name) or rescore(name), log)
+                gate_calls.append((got, rescored, {name: rescore(name) for name in keys}))
+                return got
+
+            patched.setattr(pipeline, "current_valid_aucs", both_ways)
+            again = dg.materialize(ASSETS + CHECKS, partition_key="beauty", resources=resources, instance=instance,
+                                   run_config={"ops": {"lora_adapter": {"config": retrain}}},
+                                   selection=dg.AssetSelection.assets(lora_adapter))
         assert again.success
+        ((got, rescored, fresh),) = gate_calls
+        assert rescored == [] and got == {v: e["best_valid_auc"] for v, e in out.manifest["variants"].items()}
+        assert all(abs(got[v] - fresh[v]) < 1e-6 for v in got), (got, fresh)
         new = again.output_for_node("lora_adapter")
         assert new.version != out.version
         ev = [e for e in again.all_events if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION

@@ -390,11 +390,12 @@ class TrainedVariant:
     reused: bool = False          # a run that finished before: this call trained nothing
     trained_run_id: str | None = None  # the Dagster run that trained it (None: outside Dagster, or unrecorded)
     trained_at: float | None = None    # unix seconds, when that training finished
+    validation_key: str | None = None  # what its validation AUC was measured under (``validation_key``)
 
     def manifest_entry(self) -> dict:
         return {"folder": self.folder, "prompt_version": self.prompt_version, "valid_users": self.valid_users,
                 **self.result.as_dict(), "reused": self.reused, "trained_run_id": self.trained_run_id,
-                "trained_at": self.trained_at}
+                "trained_at": self.trained_at, "validation_key": self.validation_key}
 
 
 # What an adapter becomes depends on this code too (training, and the validation scores early stopping reads):
@@ -406,11 +407,14 @@ TRAINING_CODE_VERSION = "2"
 
 def train_variant(con, category: str, variant: Variant, base, load: Callable[[], object],
                   settings: RecommenderSettings, *, seed: int, out_dir: Path, work_dir: Path, data_key: str,
-                  items: dict[str, ItemInfo], log: Log = print, run_id: str | None = None) -> TrainedVariant:
+                  items: dict[str, ItemInfo], log: Log = print, run_id: str | None = None,
+                  validation_key: str | None = None) -> TrainedVariant:
     """Train one variant's adapter on its style's sft_examples; the best epoch's adapter goes to ``out_dir``.
     ``base``: the ModelSpec (or LoadedModel) of the base; ``load()`` loads a fresh copy, called only when there is
     training to do. ``items``: ``load_items(con, category)``. ``run_id``: the Dagster run, recorded as the one that
-    trained the adapter (a later call that reuses the finished run reports that run, not its own)."""
+    trained the adapter (a later call that reuses the finished run reports that run, not its own).
+    ``validation_key``: this call's ``validation_key``, recorded with a run trained now (a reused run keeps the
+    key its validation AUC was measured under)."""
     key = run_key(TRAINING_CODE_VERSION, variant.name, settings.training_json(), base.fingerprint, data_key, seed)
     finished = finished_run(work_dir, key)
     reused = finished is not None
@@ -433,16 +437,18 @@ def train_variant(con, category: str, variant: Variant, base, load: Callable[[],
                                    quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),
                                    log=lambda m: log(f"{variant.name}: {m}"))
         del model
-        finished = FinishedRun(result, n_valid, run_id, time.time())
+        finished = FinishedRun(result, n_valid, run_id, time.time(), validation_key)
         # After train_lora's last checkpoint: a run with another key clears work_dir (this file too) first.
         (work_dir / FINISHED).write_text(json.dumps({"run_key": key, "valid_users": n_valid,
                                                      "result": result.as_dict(), "trained_run_id": run_id,
-                                                     "trained_at": finished.trained_at}))
+                                                     "trained_at": finished.trained_at,
+                                                     "validation_key": validation_key}))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     shutil.copytree(best_adapter_dir(work_dir), out_dir)
     return TrainedVariant(variant.name, out_dir.name, result, n_valid, style_prompt_versions(variant),
-                          reused=reused, trained_run_id=finished.trained_run_id, trained_at=finished.trained_at)
+                          reused=reused, trained_run_id=finished.trained_run_id, trained_at=finished.trained_at,
+                          validation_key=finished.validation_key)
 
 
 FINISHED = "finished.json"
@@ -454,6 +460,7 @@ class FinishedRun:
     valid_users: int
     trained_run_id: str | None    # None in files from before srec recorded it, or trained outside Dagster
     trained_at: float | None
+    validation_key: str | None = None  # None in files from before srec recorded it
 
 
 def finished_run(work_dir: Path, key: str) -> FinishedRun | None:
@@ -470,7 +477,8 @@ def finished_run(work_dir: Path, key: str) -> FinishedRun | None:
         return None
     result = TrainResult(**done["result"])
     result.resumed_from_epoch, result.seconds = result.epochs_run, 0.0  # seconds: none spent in this call
-    return FinishedRun(result, int(done["valid_users"]), done.get("trained_run_id"), done.get("trained_at"))
+    return FinishedRun(result, int(done["valid_users"]), done.get("trained_run_id"), done.get("trained_at"),
+                       done.get("validation_key"))
 
 
 def validation_scorer(con, category: str, variant: Variant, loaded, settings: RecommenderSettings, *, seed: int,
@@ -486,6 +494,40 @@ def validation_scorer(con, category: str, variant: Variant, loaded, settings: Re
         return mean_auc(np.concatenate(score_prompts(model, valid, encoder, settings, loaded)), 21)
 
     return len(valid), validate
+
+
+def validation_key(inputs: dict[str, str], variant: Variant, base, settings: RecommenderSettings, seed: int) -> str:
+    """Everything a variant's validation AUC depends on besides the adapter (``base``: a ModelSpec or LoadedModel):
+    the inputs' content hashes (``scoring_inputs``), the variant, the prompt settings and versions, the seeded
+    validation users, the base by fingerprint, numerics and device type, and the training and scoring code. An
+    adapter whose recorded AUC was measured under this run's key needs no re-scoring by the promotion gate."""
+    return run_key({
+        "code": [TRAINING_CODE_VERSION, SCORING_CODE_VERSION], "inputs": inputs, "variant": variant.name,
+        "prompts": settings.prompt_json(), "prompt_version": style_prompt_versions(variant),
+        "valid_users": settings.valid_users, "seed": seed,
+        "base": {"fingerprint": base.fingerprint, "numerics": dict(base.identity.generation),
+                 "device": str(base.device).split(":")[0]},
+    })
+
+
+def current_valid_aucs(current_variants: dict[str, dict], keys: dict[str, str], rescore: Callable[[str], float],
+                       log: Log = print) -> dict[str, float]:
+    """The current adapter's validation AUC for each variant of ``keys`` (this run's ``validation_key``s): the AUC
+    its manifest records where it was measured under the same key (the same candidates, prompts, base and code:
+    scoring it again would repeat it), ``rescore(variant)`` otherwise."""
+    out = {}
+    for name, key in keys.items():
+        entry = current_variants[name]
+        if entry.get("validation_key") == key and entry.get("best_valid_auc") is not None:
+            out[name] = float(entry["best_valid_auc"])
+            log(f"current adapter {name}: valid AUC {out[name]:.4f}, as recorded (measured on the same validation "
+                "candidates, prompts, base and code)")
+        else:
+            out[name] = rescore(name)
+            log(f"current adapter {name}: valid AUC {out[name]:.4f} on this run's candidates (scored again: "
+                + ("its validation was measured under other inputs or settings)" if entry.get("validation_key")
+                   else "its manifest predates validation keys)"))
+    return out
 
 
 def adapter_valid_auc(con, category: str, variant: Variant, loaded, adapter_path: Path,

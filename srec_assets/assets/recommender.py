@@ -178,6 +178,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
         summarisers = con.execute("SELECT DISTINCT mode, model, model_fingerprint, prompt_version FROM "
                                   "user_preferences WHERE category = ?", [cfg.name]).fetchall()
         items = load_items(con, cfg.name)
+        inputs = rec.scoring_inputs(con, cfg.name)  # what validation prompts read (validation keys)
         entries, base = {}, None
         for variant in trained:
             base = _base_spec(recommender, variant)  # the weights are loaded only to train
@@ -194,7 +195,8 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
             done = rec.train_variant(con, cfg.name, variant, base, load, settings, seed=cfg.seed,
                                      out_dir=staging / slug, work_dir=root / "_work" / slug,
                                      data_key=json.dumps(data_key, sort_keys=True), items=items, log=context.log.info,
-                                     run_id=context.run.run_id)
+                                     run_id=context.run.run_id,
+                                     validation_key=rec.validation_key(inputs, variant, base, settings, cfg.seed))
             entries[variant.name] = done.manifest_entry()
     describe = base.describe() if base else recommender.runner_settings().__dict__
     manifest = {
@@ -218,7 +220,7 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
     }
     staged = artifacts.stage(staging, manifest)
     with storage.connect() as con:
-        decision = _promotion_gate(context, con, storage, recommender, settings, staged, base, items)
+        decision = _promotion_gate(context, con, storage, recommender, settings, staged, base, items, inputs)
         staged = artifacts.stage(staging, {**manifest, "promotion": decision.as_dict()})  # same version
         rec.append_promotion(con, cfg.name, context.run.run_id, decision, time.time())
         rec.append_adapter_history(con, pd.DataFrame(
@@ -255,8 +257,9 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
 
 
 def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner, settings: RecommenderSettings,
-                    staged: artifacts.AdapterSet, base, items) -> promotion.PromotionDecision:
-    """Compare the new set with the category's current adapter on this run's validation candidates."""
+                    staged: artifacts.AdapterSet, base, items, inputs: dict[str, str]) -> promotion.PromotionDecision:
+    """Compare the new set with the category's current adapter on this run's validation candidates (``inputs``:
+    ``scoring_inputs``, for the validation keys)."""
     cfg = category_config(context)
     candidate = {name: e["best_valid_auc"] for name, e in staged.manifest["variants"].items()}
     try:
@@ -267,14 +270,16 @@ def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner
     scores, unusable = None, None
     if current is not None and current.version != staged.version:
         if base is not None and current.manifest.get("base_fingerprint") == base.fingerprint:
-            scores = {}
-            for variant in settings.parsed_variants:
-                if variant.trains and variant.name in current.manifest["variants"]:
-                    scores[variant.name] = rec.adapter_valid_auc(
-                        con, cfg.name, variant, _load_base(recommender, variant),
-                        current.adapter_path(variant.name), settings, seed=cfg.seed, items=items)
-                    context.log.info(f"current adapter {current.version} {variant.name}: valid AUC "
-                                     f"{scores[variant.name]:.4f} on this run's candidates")
+            gated = {v.name: v for v in settings.parsed_variants if v.trains and v.name in current.manifest["variants"]}
+            keys = {name: rec.validation_key(inputs, v, _base_spec(recommender, v), settings, cfg.seed)
+                    for name, v in gated.items()}
+
+            def rescore(name: str) -> float:
+                return rec.adapter_valid_auc(con, cfg.name, gated[name], _load_base(recommender, gated[name]),
+                                             current.adapter_path(name), settings, seed=cfg.seed, items=items)
+
+            scores = rec.current_valid_aucs(current.manifest["variants"], keys, rescore,
+                                            log=lambda m: context.log.info(f"{current.version} {m}"))
         else:  # another base model: recommender_scores could not load it on this one
             unusable = (f"was trained on base fingerprint {current.manifest.get('base_fingerprint')}, not this "
                         f"recommender's {base.fingerprint if base else None}: it cannot serve it")
