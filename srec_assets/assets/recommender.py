@@ -8,9 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from resources import ModelRunner, SrecStorage
-from srec.captions import caption_snapshot
 from srec.db import partition_content_hash
-from srec.preferences import preference_snapshot
 from srec.recommender import artifacts, promotion
 from srec.recommender import pipeline as rec
 from srec.recommender.data import RecommenderInputError, load_items, variant_needs
@@ -166,19 +164,15 @@ def lora_adapter(context: dg.AssetExecutionContext, config: RecommenderConfig, s
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        data = {
-            "sft_examples": sft_version,
-            "eval_candidates": partition_content_hash(con, "eval_candidates", cfg.name),
-            "interactions": partition_content_hash(con, "interactions", cfg.name),
-            "caption_snapshot": caption_snapshot(con, cfg.name),
-            "preference_snapshot": preference_snapshot(con, cfg.name),  # = user_preferences' DataVersion
-        }
+        inputs = rec.scoring_inputs(con, cfg.name)  # what validation prompts read (validation keys)
+        # The manifest's data hashes (preference_snapshot = user_preferences' DataVersion): a subset of the inputs.
+        data = {"sft_examples": sft_version, **{k: inputs[k] for k in ("eval_candidates", "interactions",
+                                                                          "caption_snapshot", "preference_snapshot")}}
         captioners = con.execute("SELECT DISTINCT model, model_fingerprint, prompt_version FROM item_captions "
                                  "WHERE category = ?", [cfg.name]).fetchall()
         summarisers = con.execute("SELECT DISTINCT mode, model, model_fingerprint, prompt_version FROM "
                                   "user_preferences WHERE category = ?", [cfg.name]).fetchall()
         items = load_items(con, cfg.name)
-        inputs = rec.scoring_inputs(con, cfg.name)  # what validation prompts read (validation keys)
         entries, base = {}, None
         for variant in trained:
             base = _base_spec(recommender, variant)  # the weights are loaded only to train
