@@ -8,7 +8,10 @@ from PIL import Image
 
 from srec.models.runner import LoadedModel, ModelLoadError, RunnerSettings
 from srec.recommender.encoding import NO, YES, ItemView, PromptEncoder, PromptError, UserView
-from srec.recommender.scoring import mean_auc, score_naive, score_shared_prefix
+from srec.recommender.prefix_attention import (SharedPrefix, attention_with_lse, attention_with_lse_math,
+                                              shared_prefix_attention_forward)
+from srec.recommender.scoring import (mean_auc, prefix_attention_applies, prefix_attention_by_default, score_naive,
+                                     score_shared_prefix)
 from srec.recommender.settings import RecommenderSettings, Variant
 from srec.recommender.training import answer_labels, answer_loss, batch_inputs, lora_target_modules, make_row
 from tests.tiny_vlms import (GEMMA3_SLIDING_WINDOW, IDEFICS_FAMILIES, QWEN_VL_FAMILIES, tiny_gemma3, tiny_idefics,
@@ -145,6 +148,69 @@ def test_shared_prefix_scores_equal_a_full_forward_per_candidate(llava, images):
     assert np.all((shared > 0) & (shared < 1))
     np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
     assert np.ptp(naive) > 1e-6  # candidates really differ, so agreement is not trivial
+    _assert_prefix_attention_scores_like_the_cache(llava, fitted, encoded, kw)
+
+
+def _assert_prefix_attention_scores_like_the_cache(loaded, fitted, encoded, kw) -> None:
+    """The model's suffixes ran through the shared-prefix attention (by default, and it raises unless every
+    layer's attention did), and score as on a batch view of the prefix cache with the model's own mask."""
+    assert prefix_attention_applies(loaded.model) and prefix_attention_by_default(loaded.model, "cpu")
+    assert not prefix_attention_by_default(loaded.model, "meta")  # other devices keep the cache view unless asked
+    pad = loaded.tokenizer.pad_token_id
+    via_attention = score_shared_prefix(loaded.model, fitted.ids, encoded, pad_id=pad, batch_size=3,
+                                        prefix_attention=True, **kw)
+    via_cache = score_shared_prefix(loaded.model, fitted.ids, encoded, pad_id=pad, batch_size=3,
+                                    prefix_attention=False, **kw)
+    np.testing.assert_allclose(via_attention, via_cache, atol=1e-5, rtol=0)
+
+
+def _attention_reference(query, prefix_k, prefix_v, key, value, scale):
+    """Plain attention of right-padded suffix rows over [prefix; own suffix], causal within the suffix, kv heads
+    repeated the way transformers' repeat_kv does."""
+    b, heads, s, _ = query.shape
+    group = heads // key.shape[1]
+    keys = torch.cat([prefix_k.expand(b, -1, -1, -1), key], dim=2).repeat_interleave(group, dim=1)
+    values = torch.cat([prefix_v.expand(b, -1, -1, -1), value], dim=2).repeat_interleave(group, dim=1)
+    p = prefix_k.shape[2]
+    allowed = torch.ones(s, p + s, dtype=torch.bool).tril(p)
+    return torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed,
+                                                            scale=scale).transpose(1, 2)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_shared_prefix_attention_equals_attention_over_prefix_and_suffix(group, monkeypatch):
+    """The two parts merged by log-sum-exp equal one softmax over the whole key range, grouped-query heads
+    included, on the CPU kernel and on the plain float32 path other devices take."""
+    import srec.recommender.prefix_attention as prefix_attention
+
+    g = torch.Generator().manual_seed(3)
+    b, kv_heads, s, p, d = 3, 2, 7, 11, 16
+    query = torch.randn(b, kv_heads * group, s, d, generator=g)
+    key, value = torch.randn(b, kv_heads, s, d, generator=g), torch.randn(b, kv_heads, s, d, generator=g)
+    prefix_k, prefix_v = torch.randn(1, kv_heads, p, d, generator=g), torch.randn(1, kv_heads, p, d, generator=g)
+    layer = type("Layer", (), {"layer_idx": 1})()
+    shared = SharedPrefix([(None, None), (prefix_k, prefix_v)])
+    expected = _attention_reference(query, prefix_k, prefix_v, key, value, 0.3)
+    got, _ = shared_prefix_attention_forward(layer, query, key, value, None, scaling=0.3, shared_prefix=shared)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    monkeypatch.setattr(prefix_attention, "attention_with_lse", attention_with_lse_math)
+    got, _ = shared_prefix_attention_forward(layer, query, key, value, None, scaling=0.3, shared_prefix=shared)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    monkeypatch.setattr(prefix_attention, "MATH_SCORES_BYTES", 1056)  # query rows in chunks of 3 to 12
+    got, _ = shared_prefix_attention_forward(layer, query, key, value, None, scaling=0.3, shared_prefix=shared)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert shared.calls == 3
+    for causal in (False, True):  # the two ways also agree on the log-sum-exps the merge weighs by
+        kernel, plain = attention_with_lse(query, query, query, causal=causal, scale=0.3), \
+            attention_with_lse_math(query, query, query, causal=causal, scale=0.3)
+        for a, c in zip(kernel, plain):
+            torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="without its shared_prefix argument"):
+        shared_prefix_attention_forward(layer, query, key, value, None, scaling=0.3)
+    with pytest.raises(RuntimeError, match="does not implement sliding_window"):
+        shared_prefix_attention_forward(layer, query, key, value, None, shared_prefix=shared, sliding_window=4)
+    with pytest.raises(RuntimeError, match="ran in 3 of the text model's 4 layers"):
+        shared.check_ran(4)
 
 
 def _items_showing_shapes(tmp_path, shapes) -> list[ItemView]:
@@ -207,6 +273,7 @@ def test_llava_next_images_of_different_shapes_batch_and_score_like_a_full_forwa
     naive = score_naive(next_model.model, fitted.ids, encoded, **kw)
     np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
     assert np.ptp(naive) > 1e-6
+    _assert_prefix_attention_scores_like_the_cache(next_model, fitted, encoded, kw)
     _assert_a_mixed_batch_trains_like_its_rows_alone(next_model, enc, fitted, encoded)
 
 
@@ -229,6 +296,7 @@ def test_idefics_tiles_of_different_counts_batch_and_score_like_a_full_forward(t
         shared = score_shared_prefix(model.model, fitted.ids, encoded, pad_id=model.tokenizer.pad_token_id,
                                      batch_size=batch_size, **kw)
         np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
+    _assert_prefix_attention_scores_like_the_cache(model, fitted, encoded, kw)
     _assert_a_mixed_batch_trains_like_its_rows_alone(model, enc, fitted, encoded)
     names = lora_target_modules(model.model)
     assert names and all(".text_model." in n for n in names)  # not the vision model or the connector
@@ -253,6 +321,7 @@ def test_gemma3_bidirectional_images_and_sliding_window_score_like_a_full_forwar
     fitted, encoded = _encode(enc, _user(5), items)
     assert len(fitted.ids) > GEMMA3_SLIDING_WINDOW and len({len(e.ids) for e in encoded}) > 1
     assert scoring.sliding_window(gemma.model) == GEMMA3_SLIDING_WINDOW
+    assert not prefix_attention_applies(gemma.model)  # both the window and the two-way image spans rule it out
     with Image.open(items[0].image_path) as im:
         out = gemma.processor(text=[enc.render(_user(5), items[0])[1]], images=[im.convert("RGB")],
                               add_special_tokens=False, return_tensors="pt")
@@ -260,6 +329,8 @@ def test_gemma3_bidirectional_images_and_sliding_window_score_like_a_full_forwar
                        out["token_type_ids"].long())  # what the processor marks
     kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": gemma.device, "dtype": gemma.dtype}
     pad = gemma.tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="does not apply to Gemma3ForConditionalGeneration"):
+        score_shared_prefix(gemma.model, fitted.ids, encoded, pad_id=pad, batch_size=3, prefix_attention=True, **kw)
     naive = score_naive(gemma.model, fitted.ids, encoded, **kw)
     assert np.ptp(naive) > 1e-3
     # The image tokens' two-way attention moves these scores by about 7e-5 on this random model: the tolerance
@@ -319,6 +390,7 @@ def test_qwen_vl_images_take_3d_positions_on_the_shared_prefix_like_a_full_forwa
     for batch_size in (len(encoded), 3):  # one batch mixing grids and a text row; several batches
         shared = score_shared_prefix(qwen.model, fitted.ids, encoded, pad_id=pad, batch_size=batch_size, **kw)
         np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
+    _assert_prefix_attention_scores_like_the_cache(qwen, fitted, encoded, kw)
     _assert_a_mixed_batch_trains_like_its_rows_alone(qwen, enc, fitted, encoded)
     # The check is not vacuous: with the 1-D positions a LLaVA gets, the image rows miss the tolerance above
     # (seen: by up to 2.9e-3 on Qwen2-VL, 5.1e-4 on Qwen2.5-VL and 0.083 on Qwen3-VL; the right positions

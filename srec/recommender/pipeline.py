@@ -615,7 +615,8 @@ def write_scores(con, category: str, frame: pd.DataFrame) -> int:
 # What recommender_scores computes from the same inputs: its code_version, and part of every scoring key, so
 # changed scoring code scores afresh instead of reusing rows from before the change.
 # 2: sliding-window models score on their whole prefix; Qwen-VL, Idefics3 / SmolVLM, Gemma 3
-SCORING_CODE_VERSION = "2"
+# 3: suffixes attend through the shared-prefix attention (the same scores to float round-off)
+SCORING_CODE_VERSION = "3"
 
 
 def scoring_inputs(con, category: str) -> dict[str, str]:

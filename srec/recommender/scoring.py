@@ -1,13 +1,15 @@
 """Yes/no scoring in one forward pass: P(yes) / (P(yes) + P(no)) at the answer position.
 
-``score_shared_prefix`` encodes a user's prefix once and reuses its KV cache for every candidate: the
-candidates' suffixes run in batches on top of a batch view of the prefix cache (left-padded, so every
-row's answer position is the last one and only that position's logits are computed; right-padded where a
-sliding attention window could bind, the logits read at each row's own last token). Rotary positions and image
-token types come from ``position_ids`` and ``token_type_inputs``, offset by the prefix. ``score_naive`` is the
-reference: one full forward over prefix + suffix per candidate, positions and masks as the model builds them
-itself. Both read the same two logits, so they agree to float round-off (tested to 1e-4 on every supported
-family).
+``score_shared_prefix`` encodes a user's prefix once and reuses its keys and values for every candidate; the
+candidates' suffixes run in batches of similar length. Where the text model's attention is plain causal
+(``prefix_attention_applies``), by default on the CPU, the suffixes attend through ``prefix_attention``: all of a
+batch's queries on the one cached prefix copy, then each row on its own suffix, merged exactly; rows padded on the
+right, logits only at each row's last real token. Otherwise (a sliding window, Gemma 3's bidirectional image spans,
+another device) they run on a batch view of the prefix cache with the model's own mask, left-padded unless a
+window could bind. Rotary positions and image token types come from ``position_ids`` and ``token_type_inputs``,
+offset by the prefix. ``score_naive`` is the reference: one full forward over prefix + suffix per candidate,
+positions and masks as the model builds them itself. Both read the same two logits, so they agree to float
+round-off (tested to 1e-4 on every supported family).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from srec.recommender.encoding import (EncodedItem, base_model, image_token_types, mrope_index, pad_batch, position_ids,
-                                      token_type_inputs, vision_batch)
+from srec.recommender.encoding import (BIDIRECTIONAL_IMAGE_MODEL_TYPES, EncodedItem, base_model, image_token_types,
+                                      mrope_index, pad_batch, position_ids, token_type_inputs, vision_batch)
+from srec.recommender.prefix_attention import SharedPrefix, shared_prefix_attention
 
 
 def _p_yes(logits, yes_id: int, no_id: int) -> np.ndarray:
@@ -80,6 +83,23 @@ def answer_logits_to_keep(mask):
     return kept, lambda logits: logits[torch.arange(len(last), device=logits.device), column][:, None]
 
 
+def prefix_attention_applies(model) -> bool:
+    """Whether the suffixes can run on ``prefix_attention``: the text model's attention is plain causal softmax
+    over every earlier token. Not with a sliding window (layers that see only part of the prefix) nor where an
+    image's tokens attend to each other both ways (``BIDIRECTIONAL_IMAGE_MODEL_TYPES``: Gemma 3); those keep the
+    batch-view cache and the model's own mask."""
+    return sliding_window(model) is None and getattr(base_model(model).config, "model_type", None) \
+        not in BIDIRECTIONAL_IMAGE_MODEL_TYPES
+
+
+def prefix_attention_by_default(model, device) -> bool:
+    """Where ``score_shared_prefix`` uses ``prefix_attention`` unless told: models it applies to, on the CPU (the
+    one device it was measured on, and whose flash kernel returns the log-sum-exps it merges by)."""
+    import torch  # noqa: PLC0415
+
+    return torch.device(device).type == "cpu" and prefix_attention_applies(model)
+
+
 def cache_argument(model) -> str:
     """The forward's name for a KV cache: ``cache`` since transformers renamed it (5.25 still takes
     ``past_key_values`` with a warning; 5.40 drops it), ``past_key_values`` before."""
@@ -89,9 +109,13 @@ def cache_argument(model) -> str:
 
 
 def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[EncodedItem], *, yes_id: int, no_id: int,
-                        pad_id: int, batch_size: int, device, dtype) -> np.ndarray:
+                        pad_id: int, batch_size: int, device, dtype, prefix_attention: bool | None = None) -> np.ndarray:
     """P(yes)/(P(yes)+P(no)) for every candidate of one user, the prefix encoded once; suffixes batched by
-    length (``plan_batches``, at most ``batch_size`` a batch), scores returned in the candidates' order."""
+    length (``plan_batches``, at most ``batch_size`` a batch), scores returned in the candidates' order.
+
+    ``prefix_attention``: the suffixes attend through ``prefix_attention`` (one prefix copy, no mask) rather than on
+    a batch view of the prefix cache; None (default): ``prefix_attention_by_default``. False: the cache way (the
+    benchmark's comparison)."""
     import torch  # noqa: PLC0415
     from transformers import DynamicCache  # noqa: PLC0415
 
@@ -110,22 +134,39 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
         # mask (it is measured in cache slots), so where the window can bind, suffixes are padded on the right:
         # every real token then sits at its true distance, and the answer is read at each row's last real token.
         window = sliding_window(model)
-        right = window is not None and p + max(len(it.ids) for it in items) >= window
+        if prefix_attention and not prefix_attention_applies(model):
+            raise ValueError(f"shared-prefix attention does not apply to {type(base_model(model)).__name__} "
+                             "(sliding window or bidirectional image attention)")
+        cascade = prefix_attention_by_default(model, device) if prefix_attention is None else prefix_attention
+        # Right padding where the window can bind, and for the shared-prefix attention (whose causal suffix part
+        # then needs no mask); left padding otherwise, so that every row's answer is the last position.
+        right = cascade or (window is not None and p + max(len(it.ids) for it in items) >= window)
+        text_config = base_model(model).config.get_text_config()
         for rows in plan_batches([len(it.ids) for it in items], batch_size):
             batch = [items[i] for i in rows]
             b = len(batch)
             ids, mask = pad_batch([it.ids for it in batch], pad_id, left=not right)
             ids, mask = ids.to(device), mask.to(device)
             keep, pick = answer_logits_to_keep(mask) if right else (1, lambda logits: logits)
-            # A view of the prefix cache per row: each layer concatenates it with the suffix's keys/values into
-            # new tensors, so the prefix tensors are never modified and serve every batch.
-            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
-            full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
             positions = position_ids(model, [it.ids for it in batch], [it.vision for it in batch], mask, offset=p,
                                      left=not right)
-            res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{cache_name: cache},
-                        use_cache=True, logits_to_keep=keep, **vision_batch([it.vision for it in batch], device, dtype),
-                        **token_type_inputs(model, ids, cached=p))
+            vision = vision_batch([it.vision for it in batch], device, dtype)
+            if cascade:
+                # The suffixes attend to the one prefix copy and to themselves (``prefix_attention``): no cache, no
+                # copies of the prefix, no [b, s, p + s] mask.
+                shared = SharedPrefix(kv)
+                with shared_prefix_attention(text_config):
+                    res = model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=keep,
+                                shared_prefix=shared, **vision)
+                shared.check_ran(len(kv))
+            else:
+                # A view of the prefix cache per row: each layer concatenates it with the suffix's keys/values into
+                # new tensors, so the prefix tensors are never modified and serve every batch.
+                cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+                                                     for k, v in kv])
+                full_mask = torch.cat([torch.ones((b, p), dtype=mask.dtype, device=device), mask], dim=1)
+                res = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, **{cache_name: cache},
+                            use_cache=True, logits_to_keep=keep, **vision, **token_type_inputs(model, ids, cached=p))
             out[rows] = _p_yes(pick(res.logits), yes_id, no_id)
     return out
 
