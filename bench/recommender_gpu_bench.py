@@ -23,8 +23,10 @@ plus the backward pass's activation gradients 2N; the frozen base gets no weight
 (12 x layers x hidden x seq_len, forward and backward), over the device's dense bf16 peak (H100 / H200
 SXM: 989 TFLOP/s). Recomputation by gradient checkpointing is not counted (``--grad-checkpointing``).
 
-Scoring: ``score_shared_prefix`` (prefix once, 21 suffixes batched on its KV cache) vs ``score_naive`` (one
-forward per candidate) on ``--users`` users of random ids, ``--prefix-len`` + ``--suffix-len`` tokens.
+Scoring: ``score_shared_prefix`` (prefix once, 21 suffixes batched; on CUDA by default on a batch view of its
+KV cache), the same with ``prefix_attention=True`` (the shared-prefix attention; on CUDA its plain float32 path)
+and ``score_naive`` (one forward per candidate), each way's candidates/s and peak memory, on ``--users`` users
+of random ids, ``--prefix-len`` + ``--suffix-len`` tokens.
 
 Without CUDA and at ``--scale 1`` the script writes the results file saying the GPU figures are
 unmeasured and exits 0. Results: bench/results/recommender_gpu_bench.{json,md}.
@@ -138,31 +140,42 @@ def scoring_figures(model, args, device: str) -> dict:
     import torch
 
     from srec.recommender.encoding import EncodedItem
-    from srec.recommender.scoring import score_naive, score_shared_prefix
+    from srec.recommender.scoring import prefix_attention_by_default, score_naive, score_shared_prefix
 
     rng = np.random.default_rng(7)
     users = [(rng.integers(8, 2000, args.prefix_len).tolist(),
               [EncodedItem(rng.integers(8, 2000, args.suffix_len).tolist(), None) for _ in range(21)])
              for _ in range(args.users)]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     model.eval()
-    out, scores = {}, {}
-    for way in ("shared_prefix", "naive", "shared_prefix"):   # the first shared run warms up
+    out, scores = {"default_uses_prefix_attention": prefix_attention_by_default(model, device)}, {}
+    # shared_prefix: the scorer's default on this device (on CUDA: the suffixes on a batch view of the prefix KV
+    # cache); shared_prefix_attention: the shared-prefix attention asked for (on CUDA its plain float32 path).
+    ways = ("shared_prefix", "shared_prefix_attention", "naive", "shared_prefix", "shared_prefix_attention")
+    for way in ways:   # the first run of each shared way warms up
         sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         got = []
         for prefix, items in users:
-            if way == "shared_prefix":
+            if way != "naive":
                 got.append(score_shared_prefix(model, prefix, items, yes_id=9, no_id=10, pad_id=0, batch_size=21,
-                                               device=device, dtype=torch.bfloat16))
+                                               device=device, dtype=torch.bfloat16,
+                                               prefix_attention=True if way == "shared_prefix_attention" else None))
             else:
                 got.append(score_naive(model, prefix, items, yes_id=9, no_id=10, device=device, dtype=torch.bfloat16))
         sync()
         out[way] = 21 * len(users) / (time.perf_counter() - t0)
+        if cuda:
+            out[f"{way}_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         scores[way] = np.concatenate(got)
     out["ratio"] = out["shared_prefix"] / out["naive"]
-    # bf16: the two ways round differently; the CPU fp32 test holds them to 1e-4.
+    out["ratio_prefix_attention"] = out["shared_prefix_attention"] / out["naive"]
+    # bf16: the ways round differently; the CPU fp32 test holds them to 1e-4.
     out["max_abs_difference"] = float(np.abs(scores["shared_prefix"] - scores["naive"]).max())
+    out["max_abs_difference_prefix_attention"] = float(np.abs(scores["shared_prefix_attention"] - scores["naive"]).max())
     return out
 
 
@@ -243,8 +256,16 @@ def write(result: dict) -> None:
                   f"memory {f.get('peak_memory_gib', float('nan')):.1f} GiB; MFU {mfu}"]
         if "scoring" in f:
             s = f["scoring"]
-            lines += [f"- scoring: shared prefix {s['shared_prefix']:,.0f} candidates/s vs naive {s['naive']:,.0f} "
-                      f"({s['ratio']:.1f}x); max |difference| {s['max_abs_difference']:.2e} (bf16)"]
+            def peak(way: str) -> str:
+                return f", peak {s[way + '_peak_memory_gib']:.1f} GiB" if way + "_peak_memory_gib" in s else ""
+
+            lines += [f"- scoring: shared prefix (default here: "
+                      f"{'shared-prefix attention' if s['default_uses_prefix_attention'] else 'KV cache view'}) "
+                      f"{s['shared_prefix']:,.0f} candidates/s{peak('shared_prefix')} vs naive {s['naive']:,.0f}"
+                      f"{peak('naive')} ({s['ratio']:.1f}x); max |difference| {s['max_abs_difference']:.2e} (bf16)",
+                      f"- scoring with the shared-prefix attention asked for: {s['shared_prefix_attention']:,.0f} "
+                      f"candidates/s{peak('shared_prefix_attention')} ({s['ratio_prefix_attention']:.1f}x over "
+                      f"naive); max |difference| {s['max_abs_difference_prefix_attention']:.2e}"]
         lines.append("")
     lines += [f"Machine: {json.dumps(result['machine'])}", "", f"Torch: {json.dumps(result['torch'])}"]
     (RESULTS / "recommender_gpu_bench.md").write_text("\n".join(lines) + "\n")
