@@ -15,7 +15,7 @@ from srec.recommender.scoring import (mean_auc, prefix_attention_applies, prefix
 from srec.recommender.settings import RecommenderSettings, Variant
 from srec.recommender.training import answer_labels, answer_loss, batch_inputs, lora_target_modules, make_row
 from tests.tiny_vlms import (GEMMA3_SLIDING_WINDOW, IDEFICS_FAMILIES, QWEN_VL_FAMILIES, tiny_gemma3, tiny_idefics,
-                              tiny_qwen_vl)
+                              tiny_llava_mistral, tiny_qwen_vl)
 
 TITLES = ["Philips Sonicare Brush Heads", "OPI Nail Lacquer, Big Apple Red", "Neutrogena Hydro Boost Gel",
           "Maybelline Great Lash Mascara", "CeraVe Moisturizing Cream", "Revlon Colorstay Foundation"]
@@ -151,11 +151,11 @@ def test_shared_prefix_scores_equal_a_full_forward_per_candidate(llava, images):
     _assert_prefix_attention_scores_like_the_cache(llava, fitted, encoded, kw)
 
 
-def _assert_prefix_attention_scores_like_the_cache(loaded, fitted, encoded, kw) -> None:
+def _assert_prefix_attention_scores_like_the_cache(loaded, fitted, encoded, kw, longest: int | None = None) -> None:
     """The model's suffixes ran through the shared-prefix attention (by default, and it raises unless every
     layer's attention did), and score as on a batch view of the prefix cache with the model's own mask."""
-    assert prefix_attention_applies(loaded.model) and prefix_attention_by_default(loaded.model, "cpu")
-    assert not prefix_attention_by_default(loaded.model, "meta")  # other devices keep the cache view unless asked
+    assert prefix_attention_applies(loaded.model, longest) and prefix_attention_by_default(loaded.model, "cpu", longest)
+    assert not prefix_attention_by_default(loaded.model, "meta", longest)  # other devices: the cache view unless asked
     pad = loaded.tokenizer.pad_token_id
     via_attention = score_shared_prefix(loaded.model, fitted.ids, encoded, pad_id=pad, batch_size=3,
                                         prefix_attention=True, **kw)
@@ -207,10 +207,13 @@ def test_shared_prefix_attention_equals_attention_over_prefix_and_suffix(group, 
             torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="without its shared_prefix argument"):
         shared_prefix_attention_forward(layer, query, key, value, None, scaling=0.3)
-    with pytest.raises(RuntimeError, match="does not implement sliding_window"):
-        shared_prefix_attention_forward(layer, query, key, value, None, shared_prefix=shared, sliding_window=4)
-    with pytest.raises(RuntimeError, match="ran in 3 of the text model's 4 layers"):
-        shared.check_ran(4)
+    got, _ = shared_prefix_attention_forward(layer, query, key, value, None, scaling=0.3, shared_prefix=shared,
+                                             sliding_window=p + s + 1)  # a window every key is inside
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match="does not implement a sliding window that binds"):
+        shared_prefix_attention_forward(layer, query, key, value, None, shared_prefix=shared, sliding_window=p + s)
+    with pytest.raises(RuntimeError, match=f"ran in {shared.calls} of the text model's {shared.calls + 1} layers"):
+        shared.check_ran(shared.calls + 1)
 
 
 def _items_showing_shapes(tmp_path, shapes) -> list[ItemView]:
@@ -360,6 +363,35 @@ def test_gemma3_bidirectional_images_and_sliding_window_score_like_a_full_forwar
         m.setattr(scoring, "sliding_window", lambda model: None)
         padded = score_shared_prefix(gemma.model, fitted.ids, encoded, pad_id=pad, batch_size=len(encoded), **kw)
     assert np.abs(padded - naive).max() > 1e-3
+
+
+def test_a_sliding_window_takes_the_shared_prefix_attention_only_where_it_cannot_bind(tiny_models, images):
+    """A Mistral text model (plain causal attention in a sliding window): where every prompt fits inside the window
+    the suffixes attend through the shared-prefix attention; where one does not, through the cache view with the
+    model's windowed mask. Both score like the model's own full forward."""
+    import srec.recommender.scoring as scoring
+
+    for window, applies in ((4096, True), (48, False)):
+        mistral = tiny_llava_mistral(tiny_models["captioner"], window)
+        assert mistral.model.config.text_config.model_type == "mistral"
+        enc = PromptEncoder(mistral, max_length=1024)
+        fitted, encoded = _encode(enc, _user(5), _items(images))
+        longest = len(fitted.ids) + max(len(e.ids) for e in encoded)
+        assert scoring.sliding_window(mistral.model) == window and (longest < window) == applies
+        assert prefix_attention_applies(mistral.model, longest) == applies
+        assert not prefix_attention_applies(mistral.model)  # without the prompts' length: the window could bind
+        kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": mistral.device, "dtype": mistral.dtype}
+        pad = mistral.tokenizer.pad_token_id
+        naive = score_naive(mistral.model, fitted.ids, encoded, **kw)
+        assert np.ptp(naive) > 1e-6
+        shared = score_shared_prefix(mistral.model, fitted.ids, encoded, pad_id=pad, batch_size=3, **kw)
+        np.testing.assert_allclose(shared, naive, atol=1e-4, rtol=0)
+        if applies:
+            _assert_prefix_attention_scores_like_the_cache(mistral, fitted, encoded, kw, longest)
+        else:
+            with pytest.raises(ValueError, match="a sliding window that binds"):
+                score_shared_prefix(mistral.model, fitted.ids, encoded, pad_id=pad, batch_size=3,
+                                    prefix_attention=True, **kw)
 
 
 @pytest.mark.parametrize("family", QWEN_VL_FAMILIES)

@@ -157,6 +157,28 @@ def tiny_gemma3(captioner):
     return _loaded(model, processor, tok)
 
 
+def tiny_llava_mistral(captioner, sliding_window: int):
+    """The tiny LLaVA's vision tower, projector settings and processor on a Mistral text model of two layers whose
+    attention slides over ``sliding_window`` tokens: plain causal attention, windowed."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    base = AutoConfig.from_pretrained(captioner)
+    processor = AutoProcessor.from_pretrained(captioner)
+    tok = processor.tokenizer
+    text = {"model_type": "mistral", "vocab_size": base.text_config.vocab_size, "hidden_size": 64,
+            "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "max_position_embeddings": 4096, "sliding_window": sliding_window,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    config = transformers.LlavaConfig(vision_config=base.vision_config.to_dict(), text_config=text,
+                                      image_token_index=base.image_token_index,
+                                      vision_feature_select_strategy=base.vision_feature_select_strategy,
+                                      vision_feature_layer=base.vision_feature_layer)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    return _loaded(model, processor, tok)
+
+
 def tiny_vlm(captioner, family: str):
     """``tiny_qwen_vl``, ``tiny_idefics`` or ``tiny_gemma3`` by family."""
     if family == "gemma3":

@@ -13,8 +13,8 @@ FlashInfer's cascade attention):
 softmax over [prefix; suffix] = (o1 * e^(lse1) + o2 * e^(lse2)) / (e^(lse1) + e^(lse2)), so the result equals the
 plain way's to float round-off. The layer's own q/k/v projections, rotary embedding and output projection run as
 usual: this replaces only the attention function of the text model (transformers' ``AttentionInterface``), and only
-inside ``shared_prefix_attention(...)``, for models whose text attention is plain causal (no sliding window, no
-bidirectional image spans, no logit soft-capping or attention sinks).
+inside ``shared_prefix_attention(...)``, for models whose text attention is plain causal (no sliding window that
+binds, no bidirectional image spans, no logit soft-capping or attention sinks).
 
 The scorer uses it by default on the CPU, where torch's flash kernel returns the log-sum-exps and where it was
 measured (``bench/recommender_bench.py``). Elsewhere it takes the plain float32 path only when asked for; GPU
@@ -93,7 +93,7 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
     if shared_prefix is None:
         raise RuntimeError(f"the {ATTENTION_NAME!r} attention ran without its shared_prefix argument: the model "
                            f"({type(module).__name__}) did not pass the forward's keyword arguments on to its attention")
-    for name in ("sliding_window", "softcap", "s_aux"):
+    for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise RuntimeError(f"{ATTENTION_NAME!r} attention does not implement {name} ({type(module).__name__})")
     if attention_mask is not None:
@@ -102,6 +102,10 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
         raise RuntimeError(f"{ATTENTION_NAME!r} attention is for inference (dropout {dropout})")
     b, heads, s, d = query.shape
     prefix_k, prefix_v = shared_prefix.layer(module.layer_idx)
+    window = kwargs.get("sliding_window")
+    if window is not None and prefix_k.shape[2] + s >= window:  # a key could fall out of the window
+        raise RuntimeError(f"{ATTENTION_NAME!r} attention does not implement a sliding window that binds "
+                           f"({prefix_k.shape[2]} + {s} tokens, window {window}; {type(module).__name__})")
     kv_heads = prefix_k.shape[1]
     group = heads // kv_heads
     scale = scaling if scaling is not None else d ** -0.5

@@ -83,21 +83,27 @@ def answer_logits_to_keep(mask):
     return kept, lambda logits: logits[torch.arange(len(last), device=logits.device), column][:, None]
 
 
-def prefix_attention_applies(model) -> bool:
+def prefix_attention_applies(model, longest: int | None = None) -> bool:
     """Whether the suffixes can run on ``prefix_attention``: the text model's attention is plain causal softmax
-    over every earlier token. Not with a sliding window (layers that see only part of the prefix) nor where an
-    image's tokens attend to each other both ways (``BIDIRECTIONAL_IMAGE_MODEL_TYPES``: Gemma 3); those keep the
-    batch-view cache and the model's own mask."""
-    return sliding_window(model) is None and getattr(base_model(model).config, "model_type", None) \
-        not in BIDIRECTIONAL_IMAGE_MODEL_TYPES
+    over every earlier token. Not where an image's tokens attend to each other both ways
+    (``BIDIRECTIONAL_IMAGE_MODEL_TYPES``: Gemma 3) or attention logits are soft-capped (Gemma 2), nor with a sliding
+    window unless every prompt, ``longest`` tokens at most, fits inside it (the window then never binds); those keep
+    the batch-view cache and the model's own mask."""
+    base = base_model(model)
+    if getattr(base.config, "model_type", None) in BIDIRECTIONAL_IMAGE_MODEL_TYPES:
+        return False
+    if getattr(base.config.get_text_config(), "attn_logit_softcapping", None) is not None:
+        return False
+    window = sliding_window(model)
+    return window is None or (longest is not None and longest < window)
 
 
-def prefix_attention_by_default(model, device) -> bool:
+def prefix_attention_by_default(model, device, longest: int | None = None) -> bool:
     """Where ``score_shared_prefix`` uses ``prefix_attention`` unless told: models it applies to, on the CPU (the
     one device it was measured on, and whose flash kernel returns the log-sum-exps it merges by)."""
     import torch  # noqa: PLC0415
 
-    return torch.device(device).type == "cpu" and prefix_attention_applies(model)
+    return torch.device(device).type == "cpu" and prefix_attention_applies(model, longest)
 
 
 def cache_argument(model) -> str:
@@ -134,13 +140,15 @@ def score_shared_prefix(model, prefix_ids: Sequence[int], items: Sequence[Encode
         # mask (it is measured in cache slots), so where the window can bind, suffixes are padded on the right:
         # every real token then sits at its true distance, and the answer is read at each row's last real token.
         window = sliding_window(model)
-        if prefix_attention and not prefix_attention_applies(model):
+        longest = p + max(len(it.ids) for it in items)
+        if prefix_attention and not prefix_attention_applies(model, longest):
             raise ValueError(f"shared-prefix attention does not apply to {type(base_model(model)).__name__} "
-                             "(sliding window or bidirectional image attention)")
-        cascade = prefix_attention_by_default(model, device) if prefix_attention is None else prefix_attention
+                             "(a sliding window that binds, bidirectional image attention or soft-capped logits)")
+        cascade = (prefix_attention_by_default(model, device, longest) if prefix_attention is None
+                   else prefix_attention)
         # Right padding where the window can bind, and for the shared-prefix attention (whose causal suffix part
         # then needs no mask); left padding otherwise, so that every row's answer is the last position.
-        right = cascade or (window is not None and p + max(len(it.ids) for it in items) >= window)
+        right = cascade or (window is not None and longest >= window)
         text_config = base_model(model).config.get_text_config()
         for rows in plan_batches([len(it.ids) for it in items], batch_size):
             batch = [items[i] for i in rows]
