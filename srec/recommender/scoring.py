@@ -4,12 +4,12 @@
 candidates' suffixes run in batches of similar length. Where the text model's attention is plain causal
 (``prefix_attention_applies``), by default on the CPU, the suffixes attend through ``prefix_attention``: all of a
 batch's queries on the one cached prefix copy, then each row on its own suffix, merged exactly; rows padded on the
-right, logits only at each row's last real token. Otherwise (a sliding window, Gemma 3's bidirectional image spans,
-another device) they run on a batch view of the prefix cache with the model's own mask, left-padded unless a
-window could bind. Rotary positions and image token types come from ``position_ids`` and ``token_type_inputs``,
-offset by the prefix. ``score_naive`` is the reference: one full forward over prefix + suffix per candidate,
-positions and masks as the model builds them itself. Both read the same two logits, so they agree to float
-round-off (tested to 1e-4 on every supported family).
+right, logits only at each row's last real token. Otherwise (a sliding window that can bind, Gemma 3's
+bidirectional image spans, soft-capped logits, another device) they run on a batch view of the prefix cache with
+the model's own mask, left-padded unless a window could bind. Rotary positions and image token types come from
+``position_ids`` and ``token_type_inputs``, offset by the prefix. ``score_naive`` is the reference: one full
+forward over prefix + suffix per candidate, positions and masks as the model builds them itself. Both read the
+same two logits, so they agree to float round-off (tested to 1e-4 on every supported family).
 """
 from __future__ import annotations
 
