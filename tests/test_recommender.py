@@ -705,6 +705,71 @@ def test_a_short_last_accumulation_window_weighs_like_a_full_one(tiny_models, im
     torch.testing.assert_close(step(4), full)
 
 
+def test_rows_sharing_a_prefix_train_on_one_encoding_of_it_with_the_same_loss_and_gradients(llava, images):
+    """Two users' rows mixed in one batch (prefixes of different lengths; images and text-only suffixes): each
+    prefix encoded once and its rows run on its keys and values give the loss and every parameter's gradient of
+    the whole rows run alone (prefix_len 0: the plain left-padded forward)."""
+    import dataclasses
+
+    import srec.recommender.training as training
+
+    enc = PromptEncoder(llava, max_length=1024)
+    rows = []
+    for n_history in (2, 6):
+        fitted, encoded = _encode(enc, _user(n_history), _items(images)[::2])
+        rows += [make_row(fitted.ids, e, enc.answer_ids[YES if i % 2 else NO]) for i, e in enumerate(encoded)]
+    assert len(training.prefix_groups(rows)) == 2 and len({r.prefix_len for r in rows}) == 2
+    plain = [dataclasses.replace(r, prefix_len=0) for r in rows]
+    pad = llava.tokenizer.pad_token_id
+    grads = []
+    for batch, shared in ((rows, True), (plain, False)):
+        calls = []
+        original = training.shared_prefix_answer_logits
+        training.shared_prefix_answer_logits = lambda *a, **k: calls.append(1) or original(*a, **k)
+        try:
+            llava.model.zero_grad(set_to_none=True)
+            loss = answer_loss(llava.model, batch, pad, llava.device, llava.dtype)
+            loss.backward()
+        finally:
+            training.shared_prefix_answer_logits = original
+        assert bool(calls) == shared
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in llava.model.named_parameters() if p.grad is not None}))
+    llava.model.zero_grad(set_to_none=True)
+    (loss_shared, grad_shared), (loss_plain, grad_plain) = grads
+    assert loss_shared == pytest.approx(loss_plain, abs=1e-5)
+    assert grad_shared.keys() == grad_plain.keys() and any("embed_tokens" in n for n in grad_plain)
+    for name, g in grad_plain.items():
+        torch.testing.assert_close(grad_shared[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_length_batches_keep_a_prefix_s_rows_together_and_single_rows_as_before():
+    from srec.recommender.training import TrainRow, length_batches
+
+    rng = np.random.default_rng(0)
+    singles = [TrainRow(list(range(int(n))), 1, None) for n in rng.integers(5, 50, 200)]
+
+    def before(rows, batch_size, rng):  # length_batches as it was before prefix groups
+        order = rng.permutation(len(rows))
+        window = batch_size * 32
+        batches = []
+        for s in range(0, len(order), window):
+            chunk = sorted(order[s:s + window].tolist(), key=lambda i: len(rows[i].ids))
+            batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    assert length_batches(singles, 4, np.random.default_rng(5)) == before(singles, 4, np.random.default_rng(5))
+    # 60 targets of a prefix each, with 1 to 6 rows (a positive and its negatives)
+    grouped = [TrainRow([t, t, t] + [0] * k, 1, None, prefix_len=3) for t in range(60) for k in range(1 + t % 6)]
+    batches = length_batches(grouped, 4, np.random.default_rng(1))
+    assert sorted(i for b in batches for i in b) == list(range(len(grouped))) and max(map(len, batches)) <= 4
+    target_batches = {}
+    for n, b in enumerate(batches):
+        for i in b:
+            target_batches.setdefault(grouped[i].ids[0], set()).add(n)
+    for t, where in target_batches.items():  # a target in one batch, unless it has more rows than a batch takes
+        assert len(where) == (1 if 1 + t % 6 <= 4 else 2), (t, where)
+
+
 def test_sft_learns_the_answers_of_its_training_rows(tiny_models, images, tmp_path):
     """The gradient reaches the answer: training on nine rows (three "Yes.") takes the answer loss from above the
     uniform floor (ln 2048 = 7.6 nats) to below what the label prior alone allows (H(1/3) / 3 answer tokens =

@@ -136,11 +136,11 @@ def token_type_inputs(model, ids, cached: int = 0) -> dict:
     return {"token_type_ids": types}
 
 
-def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | None], mask, offset: int = 0, *,
-                 left: bool = True):
+def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | None], mask,
+                 offset: int | Sequence[int] = 0, *, left: bool = True):
     """Rotary position ids of ``rows`` padded on the left (or the right: ``left=False``; ``mask`` from
     ``pad_batch``) whose first real token sits at ``offset``: 0 for whole prompts, the prefix's length for suffixes
-    run on a cached prefix.
+    run on a cached prefix (one offset for all rows, or one a row).
 
     1-D models: [B, L], counting real tokens. ``MROPE_MODEL_TYPES``: [3, B, L] from the model's ``get_rope_index``;
     an image's tokens take (time, height, width) positions and the text after it resumes at the image's largest
@@ -148,7 +148,8 @@ def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | N
     all three axes), so a suffix's positions in the whole prompt are its own, computed alone, plus ``offset``."""
     import torch  # noqa: PLC0415
 
-    flat = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+    offsets = [int(offset)] * len(rows) if isinstance(offset, int) else [int(o) for o in offset]
+    flat = torch.tensor(offsets, device=mask.device)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
     rope_index = mrope_index(model)
     if rope_index is None:
         return flat
@@ -163,7 +164,7 @@ def position_ids(model, rows: Sequence[Sequence[int]], vision: Sequence[dict | N
         pos, _ = rope_index(row, mm_token_type_ids=image_token_types(model, row),
                             image_grid_thw=v["image_grid_thw"].cpu())
         real = slice(width - len(ids), width) if left else slice(0, len(ids))
-        out[:, i, real] = pos[:, 0] + offset
+        out[:, i, real] = pos[:, 0] + offsets[i]
     return out.to(mask.device)
 
 

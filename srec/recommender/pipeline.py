@@ -402,7 +402,8 @@ class TrainedVariant:
 # bump it when that changes. It is lora_adapter's code_version and part of every training run key, so a changed
 # trainer starts a run afresh instead of resuming (or reusing) one from before the change.
 # 2: sliding-window models validate on their whole prefix; Qwen-VL, Idefics3 / SmolVLM and Gemma 3 images.
-TRAINING_CODE_VERSION = "2"
+# 3: a target's rows batch together and share one encoding of their prompt prefix (the batches change).
+TRAINING_CODE_VERSION = "3"
 
 
 def train_variant(con, category: str, variant: Variant, base, load: Callable[[], object],

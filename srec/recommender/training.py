@@ -59,10 +59,21 @@ class TrainRow:
     ids: list[int]             # prefix + suffix + answer
     answer_len: int            # the last answer_len ids are the answer (the loss covers only these)
     vision: dict | None        # the candidate's image inputs (EncodedItem.vision)
+    prefix_len: int = 0        # the first prefix_len ids are the user's prompt prefix (0: not known); the rows of
+                               # one training target share it, and a batch encodes it once for them
 
 
 def make_row(prefix_ids: Sequence[int], item: EncodedItem, answer_ids: Sequence[int]) -> TrainRow:
-    return TrainRow(list(prefix_ids) + list(item.ids) + list(answer_ids), len(answer_ids), item.vision)
+    return TrainRow(list(prefix_ids) + list(item.ids) + list(answer_ids), len(answer_ids), item.vision,
+                    len(prefix_ids))
+
+
+def prefix_groups(rows: Sequence[TrainRow]) -> list[list[int]]:
+    """Indices of ``rows`` by shared prompt prefix, in first-seen order; a row whose prefix is not known, alone."""
+    groups: dict = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(tuple(r.ids[:r.prefix_len]) if r.prefix_len else ("row", i), []).append(i)
+    return list(groups.values())
 
 
 def answer_labels(rows: Sequence[TrainRow], width: int):
@@ -85,10 +96,62 @@ def batch_inputs(model, rows: Sequence[TrainRow], pad_id: int, device, dtype) ->
 
 def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
     """(logits [B, width, vocab], labels [B, width]): the logits that predict each row's last ``width`` tokens
-    (``width`` = the longest answer) and their labels, -100 where a shorter answer leaves a position out."""
+    (``width`` = the longest answer) and their labels, -100 where a shorter answer leaves a position out.
+
+    Rows that share their prompt prefix (``prefix_groups``) run as in scoring: each distinct prefix once, the
+    rows' suffixes on its keys and values (``shared_prefix_answer_logits``); otherwise one forward over the whole
+    left-padded rows."""
+    import transformers.modeling_utils as modeling_utils  # noqa: PLC0415
+
     width = max(r.answer_len for r in rows)
+    groups = prefix_groups(rows)
+    if (len(groups) < len(rows) and all(r.prefix_len for r in rows)
+            and all(len(r.ids) - r.prefix_len > width for r in rows)
+            and hasattr(modeling_utils, "slice_logits_to_keep")):  # per-row logits positions
+        return shared_prefix_answer_logits(model, rows, groups, width, pad_id, device, dtype)
     out = model(**batch_inputs(model, rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
     logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1: these predict the last `width`
+    return logits, answer_labels(rows, width).to(device)
+
+
+def shared_prefix_answer_logits(model, rows: Sequence[TrainRow], groups: Sequence[Sequence[int]], width: int,
+                                pad_id: int, device, dtype):
+    """``answer_logits`` with each group's prefix encoded once: the distinct prefixes left-padded in one forward
+    whose keys and values (gradients flow through them) every row of the group then attends to, and the suffixes
+    right-padded after them, so each row's real tokens sit in consecutive cache slots (as a sliding window counts
+    them) at their whole-prompt positions; the logits are read at each row's last ``width`` + 1 real tokens. The
+    same loss and gradients as the whole rows (tested), for fewer tokens: a target's positive and negatives share
+    a prefix several times as long as their suffixes."""
+    import torch  # noqa: PLC0415
+    from transformers import DynamicCache  # noqa: PLC0415
+
+    from srec.recommender.scoring import cache_argument  # noqa: PLC0415
+
+    cache_name = cache_argument(model)
+    prefixes = [rows[g[0]].ids[:rows[g[0]].prefix_len] for g in groups]
+    group_of = torch.empty(len(rows), dtype=torch.long)
+    for gi, g in enumerate(groups):
+        group_of[g] = gi
+    pids, pmask = pad_batch(prefixes, pad_id, left=True)
+    prefix_cache = DynamicCache()  # no config: every layer keeps every position (as scoring's prefix cache)
+    model(input_ids=pids.to(device), attention_mask=pmask.to(device),
+          position_ids=position_ids(model, prefixes, [None] * len(prefixes), pmask).to(device), use_cache=True,
+          logits_to_keep=1, **{cache_name: prefix_cache},
+          **{k: v.to(device) for k, v in token_type_inputs(model, pids).items()})
+    rows_group = group_of.to(device)
+    cache = DynamicCache(ddp_cache_data=[(layer.keys[rows_group], layer.values[rows_group])
+                                         for layer in prefix_cache.layers])
+    suffixes = [r.ids[r.prefix_len:] for r in rows]
+    sids, smask = pad_batch(suffixes, pad_id, left=False)
+    last = smask.sum(-1) - 1
+    keep = last[:, None] - torch.arange(width, -1, -1)[None]  # each row's last width + 1 real positions, in order
+    out = model(input_ids=sids.to(device), attention_mask=torch.cat([pmask[group_of], smask], dim=1).to(device),
+                position_ids=position_ids(model, suffixes, [r.vision for r in rows], smask,
+                                          offset=pmask.sum(-1)[group_of].tolist(), left=False).to(device),
+                **{cache_name: cache}, use_cache=True, logits_to_keep=keep.to(device),
+                **vision_batch([r.vision for r in rows], device, dtype),
+                **{k: v.to(device) for k, v in token_type_inputs(model, sids, cached=pids.shape[1]).items()})
+    logits = out.logits[:, :-1, :].float()
     return logits, answer_labels(rows, width).to(device)
 
 
@@ -142,19 +205,43 @@ class TrainResult:
 
 
 def length_batches(rows: Sequence[TrainRow], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
-    """Shuffled batches of similar-length rows (less padding), the batch order shuffled too."""
-    order = rng.permutation(len(rows))
+    """Shuffled batches of similar-length rows (less padding), the batch order shuffled too. The rows of one
+    prompt prefix (``prefix_groups``: a target's positive and negatives) stay together, so that a batch encodes
+    the prefix once: groups are shuffled, sorted by length within windows of ``batch_size`` * 32 rows and packed
+    whole into batches of at most ``batch_size`` rows (a larger group is shuffled and split). Rows that share
+    nothing batch exactly as single rows always did."""
+    groups = prefix_groups(rows)
+    units = []
+    for i in rng.permutation(len(groups)).tolist():
+        group = groups[i] if len(groups[i]) <= batch_size else rng.permutation(groups[i]).tolist()
+        units += [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
     window = batch_size * 32
     batches: list[list[int]] = []
-    for s in range(0, len(order), window):
-        chunk = sorted(order[s:s + window].tolist(), key=lambda i: len(rows[i].ids))
-        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    start = 0
+    while start < len(units):
+        end, n = start, 0
+        while end < len(units) and n < window:
+            n += len(units[end])
+            end += 1
+        batch: list[int] = []
+        for unit in sorted(units[start:end], key=lambda u: max(len(rows[i].ids) for i in u)):
+            if len(batch) + len(unit) > batch_size:
+                batches.append(batch)
+                batch = []
+            batch += unit
+        batches.append(batch)
+        start = end
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def epoch_batches(rows: Sequence[TrainRow], settings: RecommenderSettings, epoch: int) -> list[list[int]]:
+    """The batches of one epoch (``length_batches`` seeded by ``settings.seed + epoch``)."""
+    return length_batches(rows, settings.batch_size, np.random.default_rng(settings.seed + epoch))
 
 
 def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: RecommenderSettings, epoch: int, *,
                 pad_id: int, device, dtype, scheduler=None, choice_ids: tuple[int, int] | None = None) -> dict:
-    """One pass over ``rows`` in ``length_batches`` (seeded by ``settings.seed + epoch``) on the answer loss, with
+    """One pass over ``rows`` in ``epoch_batches`` on the answer loss, with
     gradient accumulation and clipping; ``scheduler`` (if any) steps with the optimizer. Returns the epoch-mean
     ``train_loss`` and, given ``choice_ids`` (the "Yes" and "No" token ids), the row-weighted epoch means of
     ``choice_stats``: ``train_choice_log_loss`` and ``train_choice_mass``."""
@@ -163,7 +250,7 @@ def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: Re
     model.train()
     losses, choice = [], []
     optimizer.zero_grad(set_to_none=True)
-    batches = length_batches(rows, settings.batch_size, np.random.default_rng(settings.seed + epoch))
+    batches = epoch_batches(rows, settings, epoch)
     for i, idx in enumerate(batches):
         batch = [rows[j] for j in idx]
         logits, labels = answer_logits(model, batch, pad_id, device, dtype)
@@ -284,8 +371,8 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
     result = TrainResult(train_examples=len(rows), train_tokens_per_epoch=sum(len(r.ids) for r in rows),
                          trainable_parameters=sum(p.numel() for p in params), target_modules=len(targets))
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(rows) / settings.batch_size) / settings.grad_accumulation)
-    total = steps_per_epoch * settings.epochs
+    total = sum(math.ceil(len(epoch_batches(rows, settings, e)) / settings.grad_accumulation)
+                for e in range(1, settings.epochs + 1))
     scheduler = get_scheduler(settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
 
