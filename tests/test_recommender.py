@@ -735,6 +735,19 @@ def test_rows_sharing_a_prefix_train_on_one_encoding_of_it_with_the_same_loss_an
         assert bool(calls) == shared
         grads.append((loss.item(), {n: p.grad.clone() for n, p in llava.model.named_parameters() if p.grad is not None}))
     llava.model.zero_grad(set_to_none=True)
+    # Under gradient checkpointing transformers drops a training layer's cache: the rows then run whole.
+    llava.model.gradient_checkpointing_enable()
+    llava.model.train()
+    try:
+        calls = []
+        original = training.shared_prefix_answer_logits
+        training.shared_prefix_answer_logits = lambda *a, **k: calls.append(1) or original(*a, **k)
+        checkpointed = answer_loss(llava.model, rows, pad, llava.device, llava.dtype).item()
+    finally:
+        training.shared_prefix_answer_logits = original
+        llava.model.gradient_checkpointing_disable()
+        llava.model.eval()
+    assert not calls and checkpointed == pytest.approx(grads[1][0], abs=1e-5)  # no dropout in the tiny LLaVA
     (loss_shared, grad_shared), (loss_plain, grad_plain) = grads
     assert loss_shared == pytest.approx(loss_plain, abs=1e-5)
     assert grad_shared.keys() == grad_plain.keys() and any("embed_tokens" in n for n in grad_plain)

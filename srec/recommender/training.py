@@ -107,11 +107,18 @@ def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
     groups = prefix_groups(rows)
     if (len(groups) < len(rows) and all(r.prefix_len for r in rows)
             and all(len(r.ids) - r.prefix_len > width for r in rows)
-            and hasattr(modeling_utils, "slice_logits_to_keep")):  # per-row logits positions
+            and hasattr(modeling_utils, "slice_logits_to_keep")  # per-row logits positions
+            and not gradient_checkpointing(model)):
         return shared_prefix_answer_logits(model, rows, groups, width, pad_id, device, dtype)
     out = model(**batch_inputs(model, rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
     logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1: these predict the last `width`
     return logits, answer_labels(rows, width).to(device)
+
+
+def gradient_checkpointing(model) -> bool:
+    """Whether a layer recomputes its forward in the backward pass: transformers then drops the cache such a layer
+    is given in training, so a suffix would no longer see its prefix."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def shared_prefix_answer_logits(model, rows: Sequence[TrainRow], groups: Sequence[Sequence[int]], width: int,
