@@ -118,7 +118,7 @@ def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
 def gradient_checkpointing(model) -> bool:
     """Whether a layer recomputes its forward in the backward pass: transformers then drops the cache such a layer
     is given in training, so a suffix would no longer see its prefix."""
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def shared_prefix_answer_logits(model, rows: Sequence[TrainRow], groups: Sequence[Sequence[int]], width: int,
