@@ -239,7 +239,9 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
         assert artifacts.pointer(tmp_path / "artifacts" / "lora_adapter", "beauty", "latest")["version"] == new.version
         # Scoring the serving adapter: a variant whose adapter files changed is scored again, the rest kept.
         serving = artifacts.load(tmp_path / "artifacts" / "lora_adapter", "beauty", current)
-        expected = _expected_scoring(_scoring(storage.database)["runs"], out, serving)
+        # (``out`` names the staging folder the IO manager moved into place: the stored set is read back.)
+        scored = artifacts.load(tmp_path / "artifacts" / "lora_adapter", "beauty", out.version)
+        expected = _expected_scoring(_scoring(storage.database)["runs"], scored, serving)
         assert any(r is None for r in expected.values()), "the retrained adapter must change a variant's files"
         run_id, _ = _materialize_scores(resources, instance, REC)
         assert _scoring(storage.database)["runs"] == {v: r or run_id for v, r in expected.items()}
