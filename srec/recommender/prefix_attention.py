@@ -23,6 +23,7 @@ figures for either way are unmeasured.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 ATTENTION_NAME = "srec_shared_prefix"
@@ -127,7 +128,9 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+@functools.cache
 def register() -> None:
+    """Once per process: ``shared_prefix_attention`` enters for every suffix batch."""
     from transformers import AttentionInterface  # noqa: PLC0415
 
     AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
