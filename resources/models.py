@@ -14,7 +14,7 @@ from pydantic import PrivateAttr
 
 from srec.models.clip import ClipScorer, ClipSettings
 from srec.models.generation import GenerationRequest, GenerationResult, ModelIdentity
-from srec.models.runner import LoadedModel, ModelSpec, RunnerSettings
+from srec.models.runner import LoadedModel, ModelSpec, RunnerSettings, release_memory
 from srec.models.tiny import TINY_CAPTIONER, TINY_CLIP, TINY_SUMMARISER, default_model_path
 
 ROLES = ("captioner", "summariser", "recommender")
@@ -46,6 +46,7 @@ class ModelRunner(dg.ConfigurableResource):
     revision: str | None = None
 
     _loaded: LoadedModel | None = PrivateAttr(default=None)
+    _base: tuple[RunnerSettings, LoadedModel] | None = PrivateAttr(default=None)
 
     def runner_settings(self) -> RunnerSettings:
         fields = {k: getattr(self, k) for k in RunnerSettings.__dataclass_fields__}
@@ -71,6 +72,28 @@ class ModelRunner(dg.ConfigurableResource):
         """A new copy of the model (e.g. ``quantization='4bit'`` for QLoRA), not the shared one: training wraps
         the model it is given with adapters."""
         return LoadedModel(replace(self.runner_settings(), **overrides))
+
+    def shared_base(self, **overrides) -> LoadedModel:
+        """One loaded copy per step for read-only use (scoring, the promotion gate), across variants: loaded
+        again only when a variant asks for other settings (a QLoRA variant's 4-bit base), and then the copy held
+        before is released first, so two bases never sit in memory together. Callers attach an adapter only for
+        as long as they score with it (``srec.recommender.pipeline.attached_adapter``); training, which changes
+        the model it wraps, takes ``load_fresh``."""
+        settings = replace(self.runner_settings(), **overrides)
+        if self._base is not None and self._base[0] == settings:
+            return self._base[1]
+        self.release_shared_base()
+        loaded = LoadedModel(settings)
+        self._base = (settings, loaded)
+        return loaded
+
+    def release_shared_base(self) -> None:
+        if self._base is not None:
+            self._base = None
+            release_memory()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.release_shared_base()
 
     def spec(self, **overrides) -> ModelSpec:
         """What ``load_fresh(**overrides)`` would load (folder, device, dtype, fingerprint), without loading it."""

@@ -8,6 +8,7 @@ from PIL import Image
 
 from srec.models.runner import LoadedModel, ModelLoadError, RunnerSettings
 from srec.recommender.encoding import NO, YES, ItemView, PromptEncoder, PromptError, UserView
+from srec.recommender.pipeline import attached_adapter
 from srec.recommender.prefix_attention import (SharedPrefix, attention_with_lse, attention_with_lse_math,
                                               shared_prefix_attention_forward)
 from srec.recommender.scoring import (mean_auc, prefix_attention_applies, prefix_attention_by_default, score_naive,
@@ -560,6 +561,48 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_scores(tiny_models, imag
     fresh = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
     reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter")).eval()
     np.testing.assert_allclose(score_shared_prefix(reloaded, fitted.ids, encoded, **kw), trained, atol=1e-6)
+
+
+def test_one_base_serves_adapter_and_zero_shot_variants_in_turn(tiny_models, images, tmp_path):
+    """What recommender_scores and the promotion gate do with the step's one base: attach a variant's adapter, score,
+    detach; the next variant (another adapter, or none) scores exactly as on a freshly loaded base."""
+    from peft import LoraConfig, get_peft_model
+
+    def load():
+        return LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
+
+    adapters = {}
+    for seed in (0, 1):  # two adapters "as if trained", saved as srec saves them
+        base = load()
+        peft = get_peft_model(base.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,
+                                                     target_modules=lora_target_modules(base.model)))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in peft.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5)
+        peft.save_pretrained(tmp_path / f"adapter{seed}")
+        adapters[seed] = tmp_path / f"adapter{seed}"
+
+    shared = load()
+    enc = PromptEncoder(shared, max_length=1024)
+    fitted, encoded = _encode(enc, _user(), _items(images))
+    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": shared.device, "dtype": shared.dtype,
+          "pad_id": shared.tokenizer.pad_token_id, "batch_size": 8}
+    layers = [type(m).__name__ for m in shared.model.modules()]
+    weights = {n: p.detach().clone() for n, p in shared.model.state_dict().items()}
+    turns = [0, None, 1, 0, None]
+    on_shared = []
+    for turn in turns:
+        with attached_adapter(shared.model, adapters.get(turn)) as model:
+            on_shared.append(score_shared_prefix(model, fitted.ids, encoded, **kw))
+    assert [type(m).__name__ for m in shared.model.modules()] == layers and not hasattr(shared.model, "peft_config")
+    assert all(torch.equal(weights[n], p) for n, p in shared.model.state_dict().items())
+    for turn, scores in zip(turns, on_shared):
+        fresh = load()
+        with attached_adapter(fresh.model, adapters.get(turn)) as model:
+            np.testing.assert_array_equal(scores, score_shared_prefix(model, fitted.ids, encoded, **kw))
+    assert np.abs(on_shared[0] - on_shared[1]).max() > 1e-3 and np.abs(on_shared[0] - on_shared[2]).max() > 1e-3
 
 
 def test_reasoning_step_is_the_base_models_at_its_own_length(tiny_models, images):

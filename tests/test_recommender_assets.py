@@ -145,7 +145,9 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
             assert kept.tags["dagster/data_version"] == result.asset_materializations_for_node(
                 "recommender_scores")[0].tags["dagster/data_version"]
             forced_run, forced = _materialize_scores(resources, instance, {**REC, "rescore": True})
-            assert forced.metadata["reused_variants"].value == [] and len(loads) == len(VARIANTS)
+            # Every variant scored again, on one load of the base (their numerics are the same): adapters are
+            # attached to it in turn.
+            assert forced.metadata["reused_variants"].value == [] and len(VARIANTS) > 1 and len(loads) == 1
         rescored = _scoring(storage.database)
         assert set(rescored["runs"].values()) == {forced_run} and rescored["keys"] == first["keys"]
         assert max(abs(a - b) for a, b in zip(rescored["scores"], first["scores"])) < 1e-6

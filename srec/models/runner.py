@@ -196,6 +196,18 @@ class ModelSpec:
                 "resolved_dtype": str(self.dtype).removeprefix("torch."), "fingerprint": self.fingerprint}
 
 
+def release_memory() -> None:
+    """Return the memory of models nobody references any more before another loads: the garbage collector for
+    reference cycles among modules and hooks, and on CUDA torch's cached blocks (another process may need them)."""
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    import torch  # noqa: PLC0415
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class LoadedModel:
     """A model, its processor or tokenizer, and batched chat generation."""
 

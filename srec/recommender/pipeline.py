@@ -17,6 +17,7 @@ import pandas as pd
 import srec.prompts as _prompts
 from srec.db import partition_content_hash, replace_partition, run_key, table_exists
 from srec.models.generation import GenerationRequest
+from srec.models.runner import release_memory
 from srec.recommender.data import (
     ItemInfo,
     RecommenderInputError,
@@ -426,18 +427,9 @@ def train_variant(con, category: str, variant: Variant, base, load: Callable[[],
             + (f"in Dagster run {finished.trained_run_id}" if finished.trained_run_id else "outside Dagster or "
                "before srec recorded the run") + "): its best adapter is reused")
     else:
-        loaded = load()
-        if loaded.fingerprint != base.fingerprint:
-            raise RecommenderInputError(f"the base model's files changed while this run read them ({base.fingerprint} "
-                                        f"-> {loaded.fingerprint}): run it again")
-        encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
-        rows = load_train_rows(con, category, variant.style, encoder, loaded)
-        n_valid, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
-        model, result = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
-                                   device=loaded.device, dtype=loaded.dtype, work_dir=work_dir, run_key=key,
-                                   quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),
-                                   log=lambda m: log(f"{variant.name}: {m}"))
-        del model
+        result, n_valid = _train_on_fresh_base(con, category, variant, base, load, settings, seed=seed,
+                                               work_dir=work_dir, run_key=key, items=items, log=log)
+        release_memory()  # the trained copy of the base, before the next variant loads its own
         finished = FinishedRun(result, n_valid, run_id, time.time(), validation_key)
         # After train_lora's last checkpoint: a run with another key clears work_dir (this file too) first.
         (work_dir / FINISHED).write_text(json.dumps({"run_key": key, "valid_users": n_valid,
@@ -450,6 +442,24 @@ def train_variant(con, category: str, variant: Variant, base, load: Callable[[],
     return TrainedVariant(variant.name, out_dir.name, result, n_valid, style_prompt_versions(variant),
                           reused=reused, trained_run_id=finished.trained_run_id, trained_at=finished.trained_at,
                           validation_key=finished.validation_key)
+
+
+def _train_on_fresh_base(con, category: str, variant: Variant, base, load: Callable[[], object],
+                         settings: RecommenderSettings, *, seed: int, work_dir: Path, run_key: str,
+                         items: dict[str, ItemInfo], log: Log) -> tuple[TrainResult, int]:
+    """(result, validation users) of ``train_lora`` on a base loaded for it; nothing of the model outlives the call."""
+    loaded = load()
+    if loaded.fingerprint != base.fingerprint:
+        raise RecommenderInputError(f"the base model's files changed while this run read them ({base.fingerprint} "
+                                    f"-> {loaded.fingerprint}): run it again")
+    encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
+    rows = load_train_rows(con, category, variant.style, encoder, loaded)
+    n_valid, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
+    _, result = train_lora(loaded.model, rows, validate, settings, pad_id=loaded.tokenizer.pad_token_id,
+                           device=loaded.device, dtype=loaded.dtype, work_dir=work_dir, run_key=run_key,
+                           quantized=variant.adapter == "qlora", choice_ids=(encoder.yes_id, encoder.no_id),
+                           log=lambda m: log(f"{variant.name}: {m}"))
+    return result, n_valid
 
 
 FINISHED = "finished.json"
@@ -531,14 +541,35 @@ def current_valid_aucs(current_variants: dict[str, dict], keys: dict[str, str], 
     return out
 
 
+@contextlib.contextmanager
+def attached_adapter(base_model, adapter_path: Path | None):
+    """``base_model`` with a stored adapter attached for inference (the base itself when ``adapter_path`` is None),
+    and afterwards the base as it was: PEFT's ``unload`` replaces every LoRA layer by the layer it wrapped (no
+    merge, so the base's weights are never touched). One loaded base thereby serves every variant of a step."""
+    if adapter_path is None:
+        yield base_model
+        return
+    from peft import PeftModel  # noqa: PLC0415
+    from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: PLC0415
+
+    model = PeftModel.from_pretrained(base_model, str(adapter_path)).eval()
+    try:
+        yield model
+    finally:
+        restored = model.unload()
+        left = [name for name, m in restored.named_modules() if isinstance(m, BaseTunerLayer)]
+        if restored is not base_model or left:
+            raise RuntimeError(f"detaching adapter {adapter_path} left the base changed ({left[:3]} ...): the next "
+                               "variant cannot score on it")
+
+
 def adapter_valid_auc(con, category: str, variant: Variant, loaded, adapter_path: Path,
                       settings: RecommenderSettings, *, seed: int, items: dict[str, ItemInfo]) -> float:
-    """A stored adapter's validation AUC on this run's validation candidates (``loaded``: a fresh base)."""
-    from peft import PeftModel  # noqa: PLC0415
-
+    """A stored adapter's validation AUC on this run's validation candidates (``loaded``: the base, which gets the
+    adapter only for this call)."""
     _, validate = validation_scorer(con, category, variant, loaded, settings, seed=seed, items=items)
-    model = PeftModel.from_pretrained(loaded.model, str(adapter_path)).eval()
-    return validate(model)
+    with attached_adapter(loaded.model, adapter_path) as model:
+        return validate(model)
 
 
 PROMOTION_COLUMNS = ["category", "run_id", "decided_at", "candidate_version", "current_version", "variant",

@@ -71,8 +71,13 @@ def _base_quantization(recommender: ModelRunner, variant: Variant) -> str:
 
 
 def _load_base(recommender: ModelRunner, variant: Variant):
-    """A fresh copy of the base for one variant: 4-bit NF4 for QLoRA, as configured otherwise."""
+    """A fresh copy of the base for training one variant: 4-bit NF4 for QLoRA, as configured otherwise."""
     return recommender.load_fresh(quantization=_base_quantization(recommender, variant))
+
+
+def _shared_base(recommender: ModelRunner, variant: Variant):
+    """The step's one read-only copy of the base for scoring a variant (adapters attached while they score)."""
+    return recommender.shared_base(quantization=_base_quantization(recommender, variant))
 
 
 def _base_spec(recommender: ModelRunner, variant: Variant):
@@ -269,7 +274,7 @@ def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner
                     for name, v in gated.items()}
 
             def rescore(name: str) -> float:
-                return rec.adapter_valid_auc(con, cfg.name, gated[name], _load_base(recommender, gated[name]),
+                return rec.adapter_valid_auc(con, cfg.name, gated[name], _shared_base(recommender, gated[name]),
                                              current.adapter_path(name), settings, seed=cfg.seed, items=items)
 
             scores = rec.current_valid_aucs(current.manifest["variants"], keys, rescore,
@@ -305,8 +310,6 @@ class ScoringConfig(RecommenderConfig):
 )
 def recommender_scores(context: dg.AssetExecutionContext, config: ScoringConfig, storage: SrecStorage,
                        recommender: ModelRunner, lora_adapter: artifacts.AdapterSet) -> dg.MaterializeResult:
-    from peft import PeftModel  # noqa: PLC0415
-
     cfg = category_config(context)
     settings = recommender_settings(context, config)
     _check_cuda(settings, recommender)
@@ -346,13 +349,13 @@ def recommender_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
                 context.log.info(f"{variant.name}: inputs, model, adapter files and settings unchanged (scoring key "
                                  f"{key[:16]}): kept the {scored.rows:,} scores of run {origin['scored_run_id']}")
             else:
-                loaded = _load_base(recommender, variant)
+                loaded = _shared_base(recommender, variant)
                 if loaded.fingerprint != spec.fingerprint:
                     raise dg.Failure(f"the files of {recommender.model} changed while this run read them "
                                      f"({spec.fingerprint} -> {loaded.fingerprint}): run it again")
-                model = loaded.model if path is None else PeftModel.from_pretrained(loaded.model, str(path)).eval()
-                frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings, model_name=name,
-                                                  items=items, log=context.log.info)
+                with rec.attached_adapter(loaded.model, path) as model:
+                    frame, scored = rec.score_variant(con, cfg.name, variant, loaded, model, settings,
+                                                      model_name=name, items=items, log=context.log.info)
                 origin = {"scored_run_id": context.run.run_id, "scored_at": time.time(), "device": loaded.device}
             frames.append(frame)
             runs.append({"category": cfg.name, "model": name, "variant": variant.name,
