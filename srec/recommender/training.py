@@ -94,13 +94,14 @@ def batch_inputs(model, rows: Sequence[TrainRow], pad_id: int, device, dtype) ->
             **{k: v.to(device) for k, v in token_type_inputs(model, ids).items()}}
 
 
-def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
+def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype, *, checkpointed: bool | None = None):
     """(logits [B, width, vocab], labels [B, width]): the logits that predict each row's last ``width`` tokens
     (``width`` = the longest answer) and their labels, -100 where a shorter answer leaves a position out.
 
     Rows that share their prompt prefix (``prefix_groups``) run as in scoring: each distinct prefix once, the
     rows' suffixes on its keys and values (``shared_prefix_answer_logits``); otherwise one forward over the whole
-    left-padded rows."""
+    left-padded rows. ``checkpointed``: ``gradient_checkpointing(model)``, given by a caller that asked once for
+    many batches (None: asked here)."""
     import transformers.modeling_utils as modeling_utils  # noqa: PLC0415
 
     width = max(r.answer_len for r in rows)
@@ -108,7 +109,7 @@ def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype):
     if (len(groups) < len(rows) and all(r.prefix_len for r in rows)
             and all(len(r.ids) - r.prefix_len > width for r in rows)
             and hasattr(modeling_utils, "slice_logits_to_keep")  # per-row logits positions
-            and not gradient_checkpointing(model)):
+            and not (gradient_checkpointing(model) if checkpointed is None else checkpointed)):
         return shared_prefix_answer_logits(model, rows, groups, width, pad_id, device, dtype)
     out = model(**batch_inputs(model, rows, pad_id, device, dtype), use_cache=False, logits_to_keep=width + 1)
     logits = out.logits[:, :-1, :].float()  # position t predicts token t + 1: these predict the last `width`
@@ -247,8 +248,9 @@ def epoch_batches(rows: Sequence[TrainRow], settings: RecommenderSettings, epoch
 
 
 def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: RecommenderSettings, epoch: int, *,
-                pad_id: int, device, dtype, scheduler=None, choice_ids: tuple[int, int] | None = None) -> dict:
-    """One pass over ``rows`` in ``epoch_batches`` on the answer loss, with
+                pad_id: int, device, dtype, scheduler=None, choice_ids: tuple[int, int] | None = None,
+                batches: Sequence[Sequence[int]] | None = None) -> dict:
+    """One pass over ``rows`` in ``batches`` (default ``epoch_batches``) on the answer loss, with
     gradient accumulation and clipping; ``scheduler`` (if any) steps with the optimizer. Returns the epoch-mean
     ``train_loss`` and, given ``choice_ids`` (the "Yes" and "No" token ids), the row-weighted epoch means of
     ``choice_stats``: ``train_choice_log_loss`` and ``train_choice_mass``."""
@@ -257,10 +259,11 @@ def train_epoch(model, rows: Sequence[TrainRow], optimizer, params, settings: Re
     model.train()
     losses, choice = [], []
     optimizer.zero_grad(set_to_none=True)
-    batches = epoch_batches(rows, settings, epoch)
+    batches = epoch_batches(rows, settings, epoch) if batches is None else batches
+    checkpointed = gradient_checkpointing(model)  # a scan of every module: once, not per batch
     for i, idx in enumerate(batches):
         batch = [rows[j] for j in idx]
-        logits, labels = answer_logits(model, batch, pad_id, device, dtype)
+        logits, labels = answer_logits(model, batch, pad_id, device, dtype, checkpointed=checkpointed)
         loss = answer_cross_entropy(logits, labels)
         accumulate = settings.grad_accumulation
         window = min(accumulate, len(batches) - i // accumulate * accumulate)  # the last window may be short
@@ -378,8 +381,8 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
     result = TrainResult(train_examples=len(rows), train_tokens_per_epoch=sum(len(r.ids) for r in rows),
                          trainable_parameters=sum(p.numel() for p in params), target_modules=len(targets))
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    total = sum(math.ceil(len(epoch_batches(rows, settings, e)) / settings.grad_accumulation)
-                for e in range(1, settings.epochs + 1))
+    plans = {e: epoch_batches(rows, settings, e) for e in range(1, settings.epochs + 1)}  # also the scheduler's length
+    total = sum(math.ceil(len(b) / settings.grad_accumulation) for b in plans.values())
     scheduler = get_scheduler(settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
 
@@ -413,7 +416,7 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
             break
         t0 = time.perf_counter()
         fit = train_epoch(peft_model, rows, optimizer, params, settings, epoch, pad_id=pad_id, device=device,
-                          dtype=dtype, scheduler=scheduler, choice_ids=choice_ids)
+                          dtype=dtype, scheduler=scheduler, choice_ids=choice_ids, batches=plans[epoch])
         peft_model.eval()
         auc = validate(peft_model)
         improved = auc > result.best_valid_auc
