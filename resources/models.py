@@ -64,8 +64,10 @@ class ModelRunner(dg.ConfigurableResource):
 
     @property
     def loaded(self) -> LoadedModel:
-        if self._loaded is None:  # used outside a Dagster step (a script, a test)
-            self._loaded = LoadedModel(self.runner_settings())
+        if self._loaded is None:  # used outside a Dagster step (a script, a test), or the recommender's
+            settings = self.runner_settings()
+            shared = self._base[1] if self._base is not None and self._base[0] == settings else None
+            self._loaded = shared or LoadedModel(settings)
         return self._loaded
 
     def load_fresh(self, **overrides) -> LoadedModel:
@@ -75,14 +77,17 @@ class ModelRunner(dg.ConfigurableResource):
 
     def shared_base(self, **overrides) -> LoadedModel:
         """One loaded copy per step for read-only use (scoring, the promotion gate), across variants: loaded
-        again only when a variant asks for other settings (a QLoRA variant's 4-bit base), and then the copy held
-        before is released first, so two bases never sit in memory together. Callers attach an adapter only for
-        as long as they score with it (``srec.recommender.pipeline.attached_adapter``); training, which changes
-        the model it wraps, takes ``load_fresh``."""
+        again only when a variant asks for other settings (a QLoRA variant's 4-bit base), after releasing the copy
+        held before. With the resource's own settings it is ``loaded`` (one copy either way round). Callers attach
+        an adapter only for as long as they score with it (``srec.recommender.pipeline.attached_adapter``);
+        training, which changes the model it wraps, takes ``load_fresh``."""
         settings = replace(self.runner_settings(), **overrides)
         if self._base is not None and self._base[0] == settings:
             return self._base[1]
         self.release_shared_base()
+        if self._loaded is not None and self._loaded.settings == settings:  # e.g. an earlier step's, in-process
+            self._base = (settings, self._loaded)
+            return self._loaded
         loaded = LoadedModel(settings)
         self._base = (settings, loaded)
         return loaded

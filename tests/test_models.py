@@ -190,6 +190,30 @@ def test_model_runner_resource_loads_once_per_step(tiny_models):
     assert len(set(calls)) == 1
 
 
+def test_recommender_shares_one_base_per_numerics_and_releases_it_before_another(tiny_models, monkeypatch):
+    """recommender_scores and the promotion gate take the base from ``shared_base``: one copy for every variant of
+    the same numerics, the resource's ``loaded`` copy where the settings are the same, and never two at once."""
+    import weakref
+
+    import resources.models as resources_models
+
+    runner = ModelRunner(role="recommender", model=str(tiny_models["captioner"]))
+    first = runner.shared_base(quantization="none")
+    assert runner.shared_base(quantization="none") is first and runner.shared_base() is first
+    held = weakref.ref(first.model)
+    del first
+    alive_at_load = []
+    monkeypatch.setattr(resources_models, "LoadedModel",
+                        lambda settings: alive_at_load.append(held() is not None) or LoadedModel(settings))
+    other = runner.shared_base(dtype="bfloat16")  # other numerics (on a GPU: QLoRA's 4-bit base)
+    assert other.settings.dtype == "bfloat16" and alive_at_load == [False]  # released before the other loaded
+    monkeypatch.undo()
+    runner.release_shared_base()
+    assert runner.shared_base() is runner.loaded  # either way round, one copy for the same settings
+    other_runner = ModelRunner(role="recommender", model=str(tiny_models["captioner"]))
+    assert other_runner.loaded is other_runner.shared_base()
+
+
 def test_model_runner_rejects_unknown_role(tiny_models):
     @dg.asset
     def uses_model(summariser: ModelRunner) -> None: ...
