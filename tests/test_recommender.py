@@ -536,8 +536,22 @@ def test_lora_targets_the_language_model_only(llava):
                                                      "down_proj"}
 
 
+def _random_adapter(model, *, seed: int):
+    """``model`` wrapped with srec's LoRA layout, B drawn at random: as if trained, the adapter changes the scores."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,
+                                            target_modules=lora_target_modules(model)))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return peft
+
+
 def test_saved_adapter_reloads_with_peft_and_reproduces_scores(tiny_models, images, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     base = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
     enc = PromptEncoder(base, max_length=1024)
@@ -545,14 +559,7 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_scores(tiny_models, imag
     kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": base.device, "dtype": base.dtype,
           "pad_id": base.tokenizer.pad_token_id, "batch_size": 8}
     before = score_shared_prefix(base.model, fitted.ids, encoded, **kw)
-    peft = get_peft_model(base.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,
-                                                 target_modules=lora_target_modules(base.model)))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)  # as if trained: the adapter changes the scores
-    peft.eval()
+    peft = _random_adapter(base.model, seed=0).eval()
     trained = score_shared_prefix(peft, fitted.ids, encoded, **kw)
     assert np.abs(trained - before).max() > 1e-3
     peft.save_pretrained(tmp_path / "adapter")
@@ -566,22 +573,13 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_scores(tiny_models, imag
 def test_one_base_serves_adapter_and_zero_shot_variants_in_turn(tiny_models, images, tmp_path):
     """What recommender_scores and the promotion gate do with the step's one base: attach a variant's adapter, score,
     detach; the next variant (another adapter, or none) scores exactly as on a freshly loaded base."""
-    from peft import LoraConfig, get_peft_model
 
     def load():
         return LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
 
     adapters = {}
     for seed in (0, 1):  # two adapters "as if trained", saved as srec saves them
-        base = load()
-        peft = get_peft_model(base.model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1,
-                                                     target_modules=lora_target_modules(base.model)))
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for n, p in peft.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.5)
-        peft.save_pretrained(tmp_path / f"adapter{seed}")
+        _random_adapter(load().model, seed=seed).save_pretrained(tmp_path / f"adapter{seed}")
         adapters[seed] = tmp_path / f"adapter{seed}"
 
     shared = load()
