@@ -135,11 +135,12 @@ def child(way: str, folder: Path, users: int, candidates: int) -> dict:
                                                                                   str(folder / name)).eval()
             scores.append(score(loaded, model))
     else:
+        copies = set()
         for name in VARIANTS:
             t = time.perf_counter()
-            before = runner._base
             loaded = runner.shared_base()
-            if runner._base is not before:
+            if id(loaded) not in copies:  # a load (not the copy an earlier variant left)
+                copies.add(id(loaded))
                 load_s, loads = load_s + time.perf_counter() - t, loads + 1
             with attached_adapter(loaded.model, None if name is None else folder / name) as model:
                 scores.append(score(loaded, model))
