@@ -505,6 +505,24 @@ def test_suffixes_showing_one_image_share_its_pixels(llava, images):
     assert a.ids != b.ids and a.vision is b.vision and c.vision is not a.vision
 
 
+def test_cached_pixels_are_in_the_model_dtype_and_score_as_before(tiny_models, images):
+    """A bf16 model's encoder keeps its candidates' pixels in bf16 (half the memory of the processor's float32); the
+    scores equal those from float32 pixels cast per batch, as vision_batch did before."""
+    bf16 = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"]), dtype="bfloat16"))
+    enc = PromptEncoder(bf16, max_length=1024)
+    fitted, encoded = _encode(enc, _user(), _items(images))
+    pixels = [e.vision["pixel_values"] for e in encoded if e.vision]
+    assert pixels and all(t.dtype == torch.bfloat16 for t in pixels)
+    as_before = PromptEncoder(bf16, max_length=1024)
+    as_before.vision_dtype = None  # the processor's float32, cast to bf16 by vision_batch
+    _, float32 = _encode(as_before, _user(), _items(images))
+    assert all(e.vision["pixel_values"].dtype == torch.float32 for e in float32 if e.vision)
+    kw = {"yes_id": enc.yes_id, "no_id": enc.no_id, "device": bf16.device, "dtype": bf16.dtype,
+          "pad_id": bf16.tokenizer.pad_token_id, "batch_size": 8}
+    np.testing.assert_array_equal(score_shared_prefix(bf16.model, fitted.ids, encoded, **kw),
+                                  score_shared_prefix(bf16.model, fitted.ids, float32, **kw))
+
+
 def test_loss_covers_only_the_answer_tokens(llava, images):
     enc = PromptEncoder(llava, max_length=1024)
     fitted, encoded = _encode(enc, _user(), _items(images)[:4])

@@ -188,6 +188,9 @@ class PromptEncoder:
         self.system = _prompts.RECOMMEND_USER.system
         self._items: dict[tuple[str, str | None], EncodedItem] = {}
         self._images: dict[str, dict] = {}  # image path -> its processed tensors, shared by every suffix showing it
+        # Kept in the model's dtype: vision_batch casts to it anyway, and a bf16 model's candidates' pixels then take
+        # half the memory (every distinct candidate image of a split stays cached while its prompts are scored).
+        self.vision_dtype = getattr(loaded, "dtype", None)
         self.answer_ids = {YES: self._answer_ids(YES), NO: self._answer_ids(NO)}
         self.yes_id, self.no_id = self.answer_ids[YES][0], self.answer_ids[NO][0]
         if self.yes_id == self.no_id:
@@ -278,7 +281,11 @@ class PromptEncoder:
             check_vision_inputs(out.keys(), type(self.processor).__name__, self.model_type)
             # Chain-of-thought suffixes differ per (user, candidate): without sharing, each would hold its own
             # copy of the candidate's pixels (MBs per pair at real image sizes).
-            vision = self._images.setdefault(image_path, {k: out[k] for k in VISION_INPUTS if k in out})
+            vision = self._images.get(image_path)
+            if vision is None:
+                vision = self._images[image_path] = {
+                    k: out[k].to(self.vision_dtype) if self.vision_dtype is not None and out[k].is_floating_point()
+                    else out[k] for k in VISION_INPUTS if k in out}
             enc = EncodedItem(out["input_ids"][0].tolist(), vision)
         self._items[key] = enc
         return enc
