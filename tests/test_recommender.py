@@ -523,6 +523,31 @@ def test_cached_pixels_are_in_the_model_dtype_and_score_as_before(tiny_models, i
                                   score_shared_prefix(bf16.model, fitted.ids, float32, **kw))
 
 
+def test_image_tensors_past_the_memory_budget_are_memory_mapped_and_score_the_same(llava, images, tmp_path):
+    """Past its in-memory budget an encoder's image tensors live in memory-mapped files (page cache, not process
+    memory), unlinked at once; prompts built on them score exactly as on tensors in memory."""
+    from srec.recommender.encoding import PixelStore
+
+    in_memory = PromptEncoder(llava, max_length=1024)
+    fitted, encoded = _encode(in_memory, _user(), _items(images))
+    one_image = sum(t.numel() * t.element_size() for t in encoded[0].vision.values())
+    spilling = PromptEncoder(llava, max_length=1024, pixels=PixelStore(one_image, tmp_path / "pixels"))
+    _, mapped = _encode(spilling, _user(), _items(images))
+    shown = {it.image_path for it in _items(images) if it.image_path}
+    assert len(shown) > 1 and spilling.pixels.resident_bytes == one_image
+    assert spilling.pixels.mapped_bytes == one_image * (len(shown) - 1)
+    files = [e.vision["pixel_values"].untyped_storage().filename for e in mapped if e.vision]
+    assert sum(f is not None for f in files) == sum(1 for e in mapped if e.vision and e.vision is not mapped[0].vision)
+    assert list((tmp_path / "pixels").iterdir()) == []  # unlinked: the mappings hold the data
+    for a, b in zip(encoded, mapped):
+        assert a.ids == b.ids and (a.vision is None) == (b.vision is None)
+        assert a.vision is None or all(torch.equal(a.vision[k], b.vision[k]) for k in a.vision)
+    kw = {"yes_id": in_memory.yes_id, "no_id": in_memory.no_id, "device": llava.device, "dtype": llava.dtype,
+          "pad_id": llava.tokenizer.pad_token_id, "batch_size": 8}
+    np.testing.assert_array_equal(score_shared_prefix(llava.model, fitted.ids, encoded, **kw),
+                                  score_shared_prefix(llava.model, fitted.ids, mapped, **kw))
+
+
 def test_loss_covers_only_the_answer_tokens(llava, images):
     enc = PromptEncoder(llava, max_length=1024)
     fitted, encoded = _encode(enc, _user(), _items(images)[:4])

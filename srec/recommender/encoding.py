@@ -19,10 +19,17 @@ error naming the user.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import srec.prompts as _prompts
+from srec.paths import DATA_DIR
 
 SENTINEL = "\u2063SREC_ITEM\u2063"  # invisible separator + a name no item text contains
 YES, NO = "Yes.", "No."
@@ -53,6 +60,74 @@ class EncodedItem:
     # The processor's image inputs for this item (``VISION_INPUTS`` keys, leading dim 1), None without an image.
     # Items showing the same image share these tensors.
     vision: dict | None = None
+
+
+# An encoder keeps every distinct candidate image's tensors while a split's prompts are built and scored (negatives
+# are drawn uniformly, so nearly every item of the category comes up, and evicting would mean processing images
+# again). Past this many bytes they go to memory-mapped files instead: the kernel keeps those pages while memory
+# allows and drops them, unlike process memory, when it does not. LLaVA-NeXT's up to five 336 x 336 tiles are
+# 3.4 MB an image in bf16, 41 GB for Beauty's 12,101 items.
+PIXELS_IN_MEMORY_BYTES = 2 << 30
+PIXEL_SPILL_DIR = DATA_DIR / "tmp" / "pixels"
+
+
+# glibc keeps the memory the processor's per-image temporaries freed (bench/pixel_memory_bench.py saw it grow by
+# about one image's tensors per image spilled, and ``malloc_trim`` give it all back): returned every so often.
+TRIM_EVERY_BYTES = 64 << 20
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to call
+        return None
+
+
+def _return_freed_memory() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class PixelStore:
+    """Processed image tensors: in process memory up to ``in_memory_bytes`` in all, each further image's tensors
+    in files under ``spill_dir``, memory-mapped and unlinked at once, so nothing is left on disk once the tensors
+    are gone, even after a crash (their storage's ``filename`` names the file it was mapped from)."""
+
+    def __init__(self, in_memory_bytes: int = PIXELS_IN_MEMORY_BYTES, spill_dir: Path = PIXEL_SPILL_DIR):
+        self.in_memory_bytes = int(in_memory_bytes)
+        self.spill_dir = Path(spill_dir)
+        self.resident_bytes = 0
+        self.mapped_bytes = 0
+
+    def keep(self, tensors: dict) -> dict:
+        """``tensors``, or memory-mapped copies of them once the in-memory budget is spent."""
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.resident_bytes + size <= self.in_memory_bytes:
+            self.resident_bytes += size
+            return tensors
+        self.mapped_bytes += size
+        mapped = {k: self._mapped(t) for k, t in tensors.items()}
+        if self.mapped_bytes // TRIM_EVERY_BYTES != (self.mapped_bytes - size) // TRIM_EVERY_BYTES:
+            _return_freed_memory()
+        return mapped
+
+    def _mapped(self, tensor):
+        import torch  # noqa: PLC0415
+
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix="pixels-", suffix=".bin", dir=self.spill_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))  # no copy
+            return torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+        finally:
+            os.unlink(path)  # the mapping keeps the data; the disk space goes with it
+
+    def describe(self) -> str:
+        return (f"{self.resident_bytes / 2**20:,.1f} MiB of image tensors in memory, "
+                f"{self.mapped_bytes / 2**20:,.1f} MiB memory-mapped from {self.spill_dir}")
 
 
 # Processor outputs for an image that the recommender batches and passes on: LLaVA-1.5 style models take
@@ -180,7 +255,7 @@ class FittedPrefix:
 class PromptEncoder:
     """Tokenizes recommender prompts for one loaded model (tokenizer or processor + chat template)."""
 
-    def __init__(self, loaded, *, max_length: int, cot: bool = False):
+    def __init__(self, loaded, *, max_length: int, cot: bool = False, pixels: PixelStore | None = None):
         self.tokenizer = loaded.tokenizer
         self.processor = loaded.processor
         self.max_length = int(max_length)
@@ -191,6 +266,7 @@ class PromptEncoder:
         # Kept in the model's dtype: vision_batch casts to it anyway, and a bf16 model's candidates' pixels then take
         # half the memory (every distinct candidate image of a split stays cached while its prompts are scored).
         self.vision_dtype = getattr(loaded, "dtype", None)
+        self.pixels = pixels or PixelStore()
         self.answer_ids = {YES: self._answer_ids(YES), NO: self._answer_ids(NO)}
         self.yes_id, self.no_id = self.answer_ids[YES][0], self.answer_ids[NO][0]
         if self.yes_id == self.no_id:
@@ -283,9 +359,9 @@ class PromptEncoder:
             # copy of the candidate's pixels (MBs per pair at real image sizes).
             vision = self._images.get(image_path)
             if vision is None:
-                vision = self._images[image_path] = {
+                vision = self._images[image_path] = self.pixels.keep({
                     k: out[k].to(self.vision_dtype) if self.vision_dtype is not None and out[k].is_floating_point()
-                    else out[k] for k in VISION_INPUTS if k in out}
+                    else out[k] for k in VISION_INPUTS if k in out})
             enc = EncodedItem(out["input_ids"][0].tolist(), vision)
         self._items[key] = enc
         return enc

@@ -629,7 +629,7 @@ def score_variant(con, category: str, variant: Variant, loaded, model, settings:
                                             "item_id": up.item_ids, "score": s, "split": split,
                                             "protocol": protocol}))
                 n += len(s)
-            log(f"{variant.name}: scored {split} {protocol}: {len(prompts)} users")
+            log(f"{variant.name}: scored {split} {protocol}: {len(prompts)} users ({encoder.pixels.describe()})")
     frame = pd.concat(frames, ignore_index=True)
     frame.insert(0, "model", model_name)
     frame.insert(0, "category", category)
