@@ -548,6 +548,19 @@ def test_image_tensors_past_the_memory_budget_are_memory_mapped_and_score_the_sa
                                   score_shared_prefix(llava.model, fitted.ids, mapped, **kw))
 
 
+def test_the_in_memory_image_budget_comes_from_the_environment(monkeypatch):
+    from srec.recommender.encoding import PIXELS_IN_MEMORY_BYTES, PixelStore
+
+    monkeypatch.delenv("SREC_PIXELS_IN_MEMORY_GIB", raising=False)
+    assert PixelStore().in_memory_bytes == PIXELS_IN_MEMORY_BYTES == 2 << 30
+    monkeypatch.setenv("SREC_PIXELS_IN_MEMORY_GIB", "0.5")
+    assert PixelStore().in_memory_bytes == 1 << 29
+    for bad in ("-1", "lots", "nan"):
+        monkeypatch.setenv("SREC_PIXELS_IN_MEMORY_GIB", bad)
+        with pytest.raises(ValueError, match="SREC_PIXELS_IN_MEMORY_GIB"):
+            PixelStore()
+
+
 def test_loss_covers_only_the_answer_tokens(llava, images):
     enc = PromptEncoder(llava, max_length=1024)
     fitted, encoded = _encode(enc, _user(), _items(images)[:4])

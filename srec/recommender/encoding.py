@@ -67,8 +67,23 @@ class EncodedItem:
 # again). Past this many bytes they go to memory-mapped files instead: the kernel keeps those pages while memory
 # allows and drops them, unlike process memory, when it does not. LLaVA-NeXT's up to five 336 x 336 tiles are
 # 3.4 MB an image in bf16, 41 GB for Beauty's 12,101 items.
+# SREC_PIXELS_IN_MEMORY_GIB sets another budget (0: every image mapped).
 PIXELS_IN_MEMORY_BYTES = 2 << 30
 PIXEL_SPILL_DIR = DATA_DIR / "tmp" / "pixels"
+
+
+def pixels_in_memory_bytes() -> int:
+    raw = os.environ.get("SREC_PIXELS_IN_MEMORY_GIB")
+    if raw is None:
+        return PIXELS_IN_MEMORY_BYTES
+    try:
+        gib = float(raw)
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0:
+        raise ValueError(f"SREC_PIXELS_IN_MEMORY_GIB={raw!r}: give the GiB of image tensors an encoder keeps in memory "
+                         "(a number >= 0; unset: 2)")
+    return int(gib * 2**30)
 
 
 # glibc keeps the memory the processor's per-image temporaries freed (bench/pixel_memory_bench.py saw it grow by
@@ -95,8 +110,8 @@ class PixelStore:
     in files under ``spill_dir``, memory-mapped and unlinked at once, so nothing is left on disk once the tensors
     are gone, even after a crash (their storage's ``filename`` names the file it was mapped from)."""
 
-    def __init__(self, in_memory_bytes: int = PIXELS_IN_MEMORY_BYTES, spill_dir: Path = PIXEL_SPILL_DIR):
-        self.in_memory_bytes = int(in_memory_bytes)
+    def __init__(self, in_memory_bytes: int | None = None, spill_dir: Path = PIXEL_SPILL_DIR):
+        self.in_memory_bytes = pixels_in_memory_bytes() if in_memory_bytes is None else int(in_memory_bytes)
         self.spill_dir = Path(spill_dir)
         self.resident_bytes = 0
         self.mapped_bytes = 0
