@@ -106,8 +106,8 @@ def train_figures(model, args, device: str, qlora: bool) -> dict:
     vocab = peft_model.get_input_embeddings().weight.shape[0]
 
     def step() -> None:
-        rows = [TrainRow(rng.integers(8, min(vocab, 2000), args.seq_len).tolist(), ANSWER_LEN, None)
-                for _ in range(args.batch)]
+        rows = [TrainRow((), ids[:-ANSWER_LEN], ids[-ANSWER_LEN:])
+                for ids in (rng.integers(8, min(vocab, 2000), args.seq_len).tolist() for _ in range(args.batch))]
         loss = answer_loss(peft_model, rows, 0, device, torch.bfloat16)
         loss.backward()
         optimizer.step()

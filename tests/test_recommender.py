@@ -523,6 +523,27 @@ def test_cached_pixels_are_in_the_model_dtype_and_score_as_before(tiny_models, i
                                   score_shared_prefix(bf16.model, fitted.ids, float32, **kw))
 
 
+def test_token_ids_hold_one_int_object_per_id_and_training_rows_share_their_parts(tiny_models, images):
+    """An encoder's ids are the tokenizer's, with one int object per distinct id across every prefix and suffix
+    (ids past 256 are otherwise an object per position); a training row keeps the prefix and suffix lists it was
+    made from instead of a joined copy, and its ids are still the whole row."""
+    loaded = LoadedModel(RunnerSettings(model=str(tiny_models["captioner"])))
+    enc = PromptEncoder(loaded, max_length=1024)
+    fitted, encoded = _encode(enc, _user(), _items(images))
+    plain = loaded.tokenizer(fitted.text, add_special_tokens=False)["input_ids"]
+    assert fitted.ids == plain and enc.token_ids(fitted.text) == plain
+    every = [*fitted.ids, *(i for e in encoded for i in e.ids)]
+    large = [i for i in every if i > 256]  # CPython keeps one object for each of -5..256 anyway
+    assert len(large) > 2 * len(set(large))  # ids that repeat, in prefixes and across candidates
+    assert len({id(i) for i in large}) == len(set(large))
+    assert len({id(i) for i in plain if i > 256}) > len({i for i in plain if i > 256})  # the tokenizer's own list
+    rows = [make_row(fitted.ids, e, enc.answer_ids[YES if k % 2 else NO]) for k, e in enumerate(encoded)]
+    assert all(r.prefix is fitted.ids and r.suffix is e.ids for r, e in zip(rows, encoded))
+    assert rows[1].ids == fitted.ids + encoded[1].ids + enc.answer_ids[YES]
+    assert rows[1].length == len(rows[1].ids) and (rows[1].prefix_len, rows[1].answer_len) == (
+        len(fitted.ids), len(enc.answer_ids[YES]))
+
+
 def test_image_tensors_past_the_memory_budget_are_memory_mapped_and_score_the_same(llava, images, tmp_path):
     """Past its in-memory budget an encoder's image tensors live in memory-mapped files (page cache, not process
     memory), unlinked at once; prompts built on them score exactly as on tensors in memory."""
@@ -703,8 +724,8 @@ def test_choice_stats_separate_the_yes_no_choice_from_the_answer_format():
     from srec.recommender.training import TrainRow, answer_labels, choice_stats
 
     yes, no, dot, eos = 5, 6, 7, 3
-    rows = [TrainRow([1, 2, yes, dot, eos], 3, None), TrainRow([1, no, dot, eos], 3, None),
-            TrainRow([1, 2, no, eos], 2, None)]  # a shorter answer: its choice is one position later
+    rows = [TrainRow((), [1, 2], [yes, dot, eos]), TrainRow((), [1], [no, dot, eos]),
+            TrainRow((), [1, 2], [no, eos])]  # a shorter answer: its choice is one position later
     labels = answer_labels(rows, 3)
     logits = torch.full((3, 3, 10), -30.0)
     logits[0, 0, [yes, no]] = torch.tensor([2.0, 0.0])      # right, P(yes) = sigmoid(2)
@@ -816,7 +837,7 @@ def test_rows_sharing_a_prefix_train_on_one_encoding_of_it_with_the_same_loss_an
         fitted, encoded = _encode(enc, _user(n_history), _items(images)[::2])
         rows += [make_row(fitted.ids, e, enc.answer_ids[YES if i % 2 else NO]) for i, e in enumerate(encoded)]
     assert len(training.prefix_groups(rows)) == 2 and len({r.prefix_len for r in rows}) == 2
-    plain = [dataclasses.replace(r, prefix_len=0) for r in rows]
+    plain = [dataclasses.replace(r, prefix=(), suffix=[*r.prefix, *r.suffix]) for r in rows]
     pad = llava.tokenizer.pad_token_id
     grads = []
     for batch, shared in ((rows, True), (plain, False)):
@@ -856,7 +877,7 @@ def test_length_batches_keep_a_prefix_s_rows_together_and_single_rows_as_before(
     from srec.recommender.training import TrainRow, length_batches
 
     rng = np.random.default_rng(0)
-    singles = [TrainRow(list(range(int(n))), 1, None) for n in rng.integers(5, 50, 200)]
+    singles = [TrainRow((), list(range(int(n) - 1)), [int(n) - 1]) for n in rng.integers(5, 50, 200)]
 
     def before(rows, batch_size, rng):  # length_batches as it was before prefix groups
         order = rng.permutation(len(rows))
@@ -869,7 +890,7 @@ def test_length_batches_keep_a_prefix_s_rows_together_and_single_rows_as_before(
 
     assert length_batches(singles, 4, np.random.default_rng(5)) == before(singles, 4, np.random.default_rng(5))
     # 60 targets of a prefix each, with 1 to 6 rows (a positive and its negatives)
-    grouped = [TrainRow([t, t, t] + [0] * k, 1, None, prefix_len=3) for t in range(60) for k in range(1 + t % 6)]
+    grouped = [TrainRow([t, t, t], [0] * (k - 1), [0]) for t in range(60) for k in range(1 + t % 6)]
     batches = length_batches(grouped, 4, np.random.default_rng(1))
     assert sorted(i for b in batches for i in b) == list(range(len(grouped))) and max(map(len, batches)) <= 4
     target_batches = {}

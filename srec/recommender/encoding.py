@@ -282,6 +282,10 @@ class PromptEncoder:
         # half the memory (every distinct candidate image of a split stays cached while its prompts are scored).
         self.vision_dtype = getattr(loaded, "dtype", None)
         self.pixels = pixels or PixelStore()
+        # One int object per distinct token id (``shared_ints``): an encoder keeps every candidate's ids and a split's
+        # prefixes, and a plain list of ids past 256 holds a 32-byte object per position (LLaVA-NeXT's image token,
+        # 32000, fills about 2,900 positions of each candidate's ids).
+        self._int_objects: dict[int, int] = {}
         self.answer_ids = {YES: self._answer_ids(YES), NO: self._answer_ids(NO)}
         self.yes_id, self.no_id = self.answer_ids[YES][0], self.answer_ids[NO][0]
         if self.yes_id == self.no_id:
@@ -352,7 +356,12 @@ class PromptEncoder:
         return full[len(base):]
 
     def token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.shared_ints(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def shared_ints(self, ids) -> list[int]:
+        """``ids`` as a list whose equal ids are one int object: 8 bytes a position instead of 40."""
+        same = self._int_objects.setdefault
+        return [same(i, i) for i in ids]
 
     # --- encoding ---------------------------------------------------------------------------------
 
@@ -377,7 +386,7 @@ class PromptEncoder:
                 vision = self._images[image_path] = self.pixels.keep({
                     k: out[k].to(self.vision_dtype) if self.vision_dtype is not None and out[k].is_floating_point()
                     else out[k] for k in VISION_INPUTS if k in out})
-            enc = EncodedItem(out["input_ids"][0].tolist(), vision)
+            enc = EncodedItem(self.shared_ints(out["input_ids"][0].tolist()), vision)
         self._items[key] = enc
         return enc
 

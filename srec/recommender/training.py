@@ -56,23 +56,42 @@ def lora_target_modules(model) -> list[str]:
 
 @dataclass
 class TrainRow:
-    ids: list[int]             # prefix + suffix + answer
-    answer_len: int            # the last answer_len ids are the answer (the loss covers only these)
-    vision: dict | None        # the candidate's image inputs (EncodedItem.vision)
-    prefix_len: int = 0        # the first prefix_len ids are the user's prompt prefix (0: not known); the rows of
-                               # one training target share it, and a batch encodes it once for them
+    """One training example, prefix + suffix + answer, kept as the parts it was made of: a target's rows share one
+    prefix list and an item's rows its suffix list (``make_row``), where joined copies would be most of a training
+    set's memory (LLaVA-NeXT's candidate suffixes run to about 2,900 ids)."""
+    prefix: Sequence[int]      # the user's prompt prefix, which a batch encodes once for the rows that share it;
+                               # empty: not known (the row batches whole)
+    suffix: Sequence[int]      # the candidate part, up to the answer
+    answer: Sequence[int]      # the loss covers only these
+    vision: dict | None = None  # the candidate's image inputs (EncodedItem.vision)
+
+    @property
+    def ids(self) -> list[int]:
+        """The whole row (a new list)."""
+        return [*self.prefix, *self.suffix, *self.answer]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + len(self.suffix) + len(self.answer)
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.prefix)
+
+    @property
+    def answer_len(self) -> int:
+        return len(self.answer)
 
 
 def make_row(prefix_ids: Sequence[int], item: EncodedItem, answer_ids: Sequence[int]) -> TrainRow:
-    return TrainRow(list(prefix_ids) + list(item.ids) + list(answer_ids), len(answer_ids), item.vision,
-                    len(prefix_ids))
+    return TrainRow(prefix_ids, item.ids, answer_ids, item.vision)
 
 
 def prefix_groups(rows: Sequence[TrainRow]) -> list[list[int]]:
     """Indices of ``rows`` by shared prompt prefix, in first-seen order; a row whose prefix is not known, alone."""
     groups: dict = {}
     for i, r in enumerate(rows):
-        groups.setdefault(tuple(r.ids[:r.prefix_len]) if r.prefix_len else ("row", i), []).append(i)
+        groups.setdefault(tuple(r.prefix) if r.prefix else ("row", i), []).append(i)
     return list(groups.values())
 
 
@@ -82,14 +101,15 @@ def answer_labels(rows: Sequence[TrainRow], width: int):
 
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, r in enumerate(rows):
-        labels[i, width - r.answer_len:] = torch.tensor(r.ids[-r.answer_len:])
+        labels[i, width - r.answer_len:] = torch.tensor(list(r.answer))
     return labels
 
 
 def batch_inputs(model, rows: Sequence[TrainRow], pad_id: int, device, dtype) -> dict:
-    ids, mask = pad_batch([r.ids for r in rows], pad_id, left=True)
+    whole = [r.ids for r in rows]
+    ids, mask = pad_batch(whole, pad_id, left=True)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": position_ids(model, [r.ids for r in rows], [r.vision for r in rows], mask).to(device),
+            "position_ids": position_ids(model, whole, [r.vision for r in rows], mask).to(device),
             **vision_batch([r.vision for r in rows], device, dtype),
             **{k: v.to(device) for k, v in token_type_inputs(model, ids).items()}}
 
@@ -107,7 +127,7 @@ def answer_logits(model, rows: Sequence[TrainRow], pad_id: int, device, dtype, *
     width = max(r.answer_len for r in rows)
     groups = prefix_groups(rows)
     if (len(groups) < len(rows) and all(r.prefix_len for r in rows)
-            and all(len(r.ids) - r.prefix_len > width for r in rows)
+            and all(len(r.suffix) + r.answer_len > width for r in rows)
             and hasattr(modeling_utils, "slice_logits_to_keep")  # per-row logits positions
             and not (gradient_checkpointing(model) if checkpointed is None else checkpointed)):
         return shared_prefix_answer_logits(model, rows, groups, width, pad_id, device, dtype)
@@ -136,7 +156,7 @@ def shared_prefix_answer_logits(model, rows: Sequence[TrainRow], groups: Sequenc
     from srec.recommender.scoring import cache_argument  # noqa: PLC0415
 
     cache_name = cache_argument(model)
-    prefixes = [rows[g[0]].ids[:rows[g[0]].prefix_len] for g in groups]
+    prefixes = [rows[g[0]].prefix for g in groups]
     group_of = torch.empty(len(rows), dtype=torch.long)
     for gi, g in enumerate(groups):
         group_of[g] = gi
@@ -149,7 +169,7 @@ def shared_prefix_answer_logits(model, rows: Sequence[TrainRow], groups: Sequenc
     rows_group = group_of.to(device)
     cache = DynamicCache(ddp_cache_data=[(layer.keys[rows_group], layer.values[rows_group])
                                          for layer in prefix_cache.layers])
-    suffixes = [r.ids[r.prefix_len:] for r in rows]
+    suffixes = [[*r.suffix, *r.answer] for r in rows]
     sids, smask = pad_batch(suffixes, pad_id, left=False)
     last = smask.sum(-1) - 1
     keep = last[:, None] - torch.arange(width, -1, -1)[None]  # each row's last width + 1 real positions, in order
@@ -232,7 +252,7 @@ def length_batches(rows: Sequence[TrainRow], batch_size: int, rng: np.random.Gen
             n += len(units[end])
             end += 1
         batch: list[int] = []
-        for unit in sorted(units[start:end], key=lambda u: max(len(rows[i].ids) for i in u)):
+        for unit in sorted(units[start:end], key=lambda u: max(rows[i].length for i in u)):
             if len(batch) + len(unit) > batch_size:
                 batches.append(batch)
                 batch = []
@@ -378,7 +398,7 @@ def train_lora(model, rows: Sequence[TrainRow], validate: Callable[[object], flo
                                                   lora_dropout=settings.lora_dropout, target_modules=targets,
                                                   bias="none"))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    result = TrainResult(train_examples=len(rows), train_tokens_per_epoch=sum(len(r.ids) for r in rows),
+    result = TrainResult(train_examples=len(rows), train_tokens_per_epoch=sum(r.length for r in rows),
                          trainable_parameters=sum(p.numel() for p in params), target_modules=len(targets))
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     plans = {e: epoch_batches(rows, settings, e) for e in range(1, settings.epochs + 1)}  # also the scheduler's length
