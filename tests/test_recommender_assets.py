@@ -301,3 +301,18 @@ def test_recommender_assets_train_score_and_report(scientific_with_images, stora
             assert ((grown.adapter_path(v) / "adapter_model.safetensors").read_bytes()
                     == (before.adapter_path(v) / "adapter_model.safetensors").read_bytes()), v
 
+
+
+def test_a_step_visits_variants_by_base_numerics_so_its_shared_base_loads_once_per_kind():
+    """QLoRA variants mixed among LoRA ones in the config: scoring and the promotion gate visit the variants on the
+    resource's numerics first, then the 4-bit ones, each group in the config's order, so ``shared_base`` (which
+    releases one copy before loading another) loads each base once instead of once per switch."""
+    from srec_assets.assets.recommender import _in_base_order
+
+    names = ["qlora:fused+recurrent", "lora:fused+recurrent", "zero-shot", "qlora:text+none", "lora:text+none"]
+    variants = [Variant.parse(n) for n in names]
+    order = [v.name for v in _in_base_order(resources_models.ModelRunner(role="recommender"), variants)]
+    assert order == ["lora:fused+recurrent", "zero-shot:fused+recurrent", "lora:text+none", "qlora:fused+recurrent",
+                     "qlora:text+none"]
+    on_4bit = resources_models.ModelRunner(role="recommender", quantization="4bit")  # every variant on one base
+    assert [v.name for v in _in_base_order(on_4bit, variants)] == [v.name for v in variants]

@@ -80,6 +80,12 @@ def _shared_base(recommender: ModelRunner, variant: Variant):
     return recommender.shared_base(quantization=_base_quantization(recommender, variant))
 
 
+def _in_base_order(recommender: ModelRunner, variants):
+    """``variants`` with those on the resource's own numerics first, then those on a QLoRA 4-bit base, each in the
+    given order: the step's shared base (``_shared_base``) then loads once per kind, however the config mixes them."""
+    return sorted(variants, key=lambda v: _base_quantization(recommender, v) != recommender.quantization)
+
+
 def _base_spec(recommender: ModelRunner, variant: Variant):
     """What ``_load_base`` would load (fingerprint, device, dtype), without loading the weights."""
     return recommender.spec(quantization=_base_quantization(recommender, variant))
@@ -269,7 +275,8 @@ def _promotion_gate(context, con, storage: SrecStorage, recommender: ModelRunner
     scores, unusable = None, None
     if current is not None and current.version != staged.version:
         if base is not None and current.manifest.get("base_fingerprint") == base.fingerprint:
-            gated = {v.name: v for v in settings.parsed_variants if v.trains and v.name in current.manifest["variants"]}
+            gated = {v.name: v for v in _in_base_order(recommender, settings.parsed_variants)
+                     if v.trains and v.name in current.manifest["variants"]}
             keys = {name: rec.validation_key(inputs, v, _base_spec(recommender, v), settings, cfg.seed)
                     for name, v in gated.items()}
 
@@ -323,7 +330,7 @@ def recommender_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
     with storage.connect() as con:
         items = load_items(con, cfg.name)
         inputs = rec.scoring_inputs(con, cfg.name)
-        for variant in settings.parsed_variants:
+        for variant in _in_base_order(recommender, settings.parsed_variants):
             spec = _base_spec(recommender, variant)  # the weights are loaded only to score
             tiny = rec.is_tiny_model(spec.folder)
             entry, path = None, None
@@ -370,6 +377,8 @@ def recommender_scores(context: dg.AssetExecutionContext, config: ScoringConfig,
                             **{f"test AUC {p}": round(a, 4) for p, a in scored.auc.items()},
                             "candidates/s": round(scored.candidates_per_second, 1),
                             "scored": "this run" if stored is None else f"reused (run {origin['scored_run_id']})"})
+        order = [v.name for v in settings.parsed_variants]  # the summary in the config's order
+        summary = [row for _, row in sorted(zip(runs, summary), key=lambda x: order.index(x[0]["variant"]))]
         rows = rec.write_scores(con, cfg.name, pd.concat(frames, ignore_index=True))
         rec.write_table(con, "recommender_runs", cfg.name, pd.DataFrame(runs), {"scored_at": "DOUBLE"})
         version = partition_content_hash(con, "recommender_scores", cfg.name)
