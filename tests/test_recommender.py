@@ -569,6 +569,40 @@ def test_image_tensors_past_the_memory_budget_are_memory_mapped_and_score_the_sa
                                   score_shared_prefix(llava.model, fitted.ids, mapped, **kw))
 
 
+def test_prompts_encoded_a_chunk_of_users_at_a_time_are_those_encoded_at_once(llava, images):
+    """Scoring plans a split's prompts once (chain-of-thought reasoning generated for every pair together) and
+    encodes and scores them a chunk of users at a time: the same prefixes, suffix ids and scores as all at once.
+    A chain-of-thought suffix (one a user and candidate) is not kept by the encoder; a plain item suffix is."""
+    from srec.recommender.data import ItemInfo, UserContext
+    from srec.recommender.pipeline import cot_generator, encode_prompts, plan_prompts, score_prompts
+
+    items = {f"i{k}": ItemInfo(t, None, None, "A product.", f"A photo of {t}.", images[k % len(images)])
+             for k, t in enumerate(TITLES)}
+    ids = list(items)
+    groups = [(UserContext(f"u{u}", "test", 5, ids[u % len(ids)], "User profile: 5 purchases.",
+                           tuple(ids[(u + 1 + j) % len(ids)] for j in range(4)), {"recurrent": "Likes skin care."}),
+               [ids[(u + j) % len(ids)] for j in range(4)]) for u in range(5)]
+    settings = RecommenderSettings(cot_max_new_tokens=6)
+    for name in ("zero-shot:fused+recurrent", "zero-shot:fused+recurrent+cot"):
+        variant = Variant.parse(name)
+        planner = PromptEncoder(llava, max_length=1024, cot=variant.cot)
+        plan = plan_prompts(planner, variant, groups, items, settings,
+                            cot_generator(llava, settings) if variant.cot else None)
+        whole = encode_prompts(PromptEncoder(llava, max_length=1024, cot=variant.cot), plan)
+        chunked_encoder = PromptEncoder(llava, max_length=1024, cot=variant.cot)
+        chunks = [encode_prompts(chunked_encoder, plan, start, start + 2) for start in range(0, len(groups), 2)]
+        assert [len(c) for c in chunks] == [2, 2, 1]
+        chunked = [up for c in chunks for up in c]
+        assert [up.prefix_ids for up in chunked] == [up.prefix_ids for up in whole]
+        assert [[e.ids for e in up.encoded] for up in chunked] == [[e.ids for e in up.encoded] for up in whole]
+        assert all(r is not None for up in whole for r in up.reasoning) is variant.cot
+        assert len(chunked_encoder._items) == (0 if variant.cot else len({i for _, c in groups for i in c}))
+        scores = [s for c in chunks for s in score_prompts(llava.model, c, chunked_encoder, settings, llava)]
+        np.testing.assert_array_equal(np.concatenate(scores),
+                                      np.concatenate(score_prompts(llava.model, whole, chunked_encoder, settings,
+                                                                   llava)))
+
+
 def test_the_in_memory_image_budget_comes_from_the_environment(monkeypatch):
     from srec.recommender.encoding import PIXELS_IN_MEMORY_BYTES, PixelStore
 

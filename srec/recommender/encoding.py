@@ -365,7 +365,9 @@ class PromptEncoder:
 
     # --- encoding ---------------------------------------------------------------------------------
 
-    def encode_item(self, suffix_text: str, image_path: str | None) -> EncodedItem:
+    def encode_item(self, suffix_text: str, image_path: str | None, *, keep: bool = True) -> EncodedItem:
+        """The suffix's ids and image inputs; kept for the next call with the same suffix unless ``keep`` is False
+        (a suffix no other prompt shows; its image's tensors are shared either way)."""
         key = (suffix_text, image_path)
         hit = self._items.get(key)
         if hit is not None:
@@ -387,7 +389,8 @@ class PromptEncoder:
                     k: out[k].to(self.vision_dtype) if self.vision_dtype is not None and out[k].is_floating_point()
                     else out[k] for k in VISION_INPUTS if k in out})
             enc = EncodedItem(self.shared_ints(out["input_ids"][0].tolist()), vision)
-        self._items[key] = enc
+        if keep:
+            self._items[key] = enc
         return enc
 
     def check_image_support(self) -> None:

@@ -100,9 +100,19 @@ class UserPrompts:
     encoded: list[EncodedItem] = field(default_factory=list)
 
 
-def build_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tuple[UserContext, list[str]]],
-                  items: dict[str, ItemInfo], settings: RecommenderSettings, generate=None) -> list[UserPrompts]:
-    """Prompts for (context, candidate items) groups: each context's prefix fitted to its longest candidate."""
+@dataclass
+class PromptPlan:
+    """What a set of prompts says, before any of it is tokenized: per (context, candidates) group its user view
+    and, for chain-of-thought, each candidate's reasoning (generated for all groups together)."""
+    variant: Variant
+    groups: Sequence[tuple[UserContext, list[str]]]
+    views: dict[str, ItemView]
+    users: list[UserView]
+    reasons: list[list[str | None]]
+
+
+def plan_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tuple[UserContext, list[str]]],
+                 items: dict[str, ItemInfo], settings: RecommenderSettings, generate=None) -> PromptPlan:
     views = {i: item_view(items[i], variant.modality, settings) for _, ids in groups for i in ids
              if i in items}
     missing = sorted({i for _, ids in groups for i in ids} - set(views))
@@ -118,6 +128,14 @@ def build_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tup
         pairs = [(u, views[i]) for u, (_, ids) in zip(users, groups) for i in ids]
         flat = iter(cot_reasoning(generate, pairs, encoder.system))
         reasons = [[next(flat) for _ in ids] for _, ids in groups]
+    return PromptPlan(variant, groups, views, users, reasons)
+
+
+def encode_prompts(encoder: PromptEncoder, plan: PromptPlan, start: int = 0,
+                   stop: int | None = None) -> list[UserPrompts]:
+    """Token ids for ``plan``'s groups ``start:stop``: each context's prefix fitted to its longest candidate.
+    Chain-of-thought suffixes are one a (user, candidate) pair, so the encoder does not keep them for reuse."""
+    views, keep = plan.views, not plan.variant.cot
     suffix_of: dict[tuple[str, str | None], str] = {}  # the suffix depends on the item (and reasoning) only
 
     def suffix(item: str, reasoning: str | None) -> str:
@@ -127,14 +145,20 @@ def build_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tup
         return suffix_of[key]
 
     out = []
-    for u, (ctx, ids), rs in zip(users, groups, reasons):
+    for u, (ctx, ids), rs in zip(plan.users[start:stop], plan.groups[start:stop], plan.reasons[start:stop]):
         suffixes = [suffix(i, r) for i, r in zip(ids, rs)]
-        encoded = [encoder.encode_item(s, views[i].image_path) for s, i in zip(suffixes, ids)]
+        encoded = [encoder.encode_item(s, views[i].image_path, keep=keep) for s, i in zip(suffixes, ids)]
         budget = max(len(e.ids) for e in encoded) + encoder.answer_len
         fit = encoder.fit_prefix(u, budget, who=f"user {ctx.user_id!r} ({ctx.split} target {ctx.target_item!r})")
         out.append(UserPrompts(ctx, fit.ids, fit.text, fit.history_kept, fit.history_dropped, fit.summary_cut,
                                list(ids), suffixes, [views[i].image_path for i in ids], rs, encoded))
     return out
+
+
+def build_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tuple[UserContext, list[str]]],
+                  items: dict[str, ItemInfo], settings: RecommenderSettings, generate=None) -> list[UserPrompts]:
+    """Prompts for (context, candidate items) groups: each context's prefix fitted to its longest candidate."""
+    return encode_prompts(encoder, plan_prompts(encoder, variant, groups, items, settings, generate))
 
 
 # --- sft_examples ------------------------------------------------------------------------------------
@@ -337,9 +361,10 @@ def load_train_rows(con, category: str, style: str, encoder: PromptEncoder, load
 
 # --- evaluation prompts ------------------------------------------------------------------------------
 
-def eval_prompts(con, category: str, split: str, protocol: str, variant: Variant, encoder: PromptEncoder,
-                 items: dict[str, ItemInfo], settings: RecommenderSettings, *, users: Sequence[str] | None = None,
-                 generate=None) -> list[UserPrompts]:
+def eval_groups(con, category: str, split: str, protocol: str, *,
+                users: Sequence[str] | None = None) -> list[tuple[UserContext, list[str]]]:
+    """(context, stored candidates, positive first) per user with ``split`` ``protocol`` candidates (``users``:
+    those only), checked against the users' targets."""
     candidates = load_candidates(con, category, split, protocol)
     if not candidates:
         raise RecommenderInputError(f"eval_candidates has no {split} {protocol} sets for {category!r}")
@@ -357,7 +382,14 @@ def eval_prompts(con, category: str, split: str, protocol: str, variant: Variant
             raise RecommenderInputError(f"user {u!r}: slot 0 of the {split} candidates is {slots[0][1]!r} but the "
                                         f"{split} target is {contexts[u].target_item!r}")
         groups.append((contexts[u], [i for _, i in slots]))
-    return build_prompts(encoder, variant, groups, items, settings, generate)
+    return groups
+
+
+def eval_prompts(con, category: str, split: str, protocol: str, variant: Variant, encoder: PromptEncoder,
+                 items: dict[str, ItemInfo], settings: RecommenderSettings, *, users: Sequence[str] | None = None,
+                 generate=None) -> list[UserPrompts]:
+    return build_prompts(encoder, variant, eval_groups(con, category, split, protocol, users=users), items,
+                         settings, generate)
 
 
 def score_prompts(model, prompts: Sequence[UserPrompts], encoder: PromptEncoder, settings: RecommenderSettings,
@@ -608,28 +640,40 @@ class ScoredVariant:
     auc: dict[str, float]         # protocol -> mean AUC (test), for the metadata
 
 
+# Users whose prompts' token ids a scoring pass holds at a time. With LLaVA-NeXT a candidate's ids run to about
+# 2,900, and a chain-of-thought suffix is one a (user, candidate) pair: a split's 1+99 prompts all at once would be
+# tens of GB at the full Beauty 5-core's size.
+SCORE_CHUNK_USERS = 512
+
+
 def score_variant(con, category: str, variant: Variant, loaded, model, settings: RecommenderSettings, *,
                   model_name: str, items: dict[str, ItemInfo], splits: Sequence[str] = ("test",),
-                  log: Log = print) -> tuple[pd.DataFrame, ScoredVariant]:
-    """Scores of every stored candidate of ``splits`` x ``settings.protocols``; ``items``: ``load_items``."""
+                  chunk_users: int = SCORE_CHUNK_USERS, log: Log = print) -> tuple[pd.DataFrame, ScoredVariant]:
+    """Scores of every stored candidate of ``splits`` x ``settings.protocols``; ``items``: ``load_items``. The
+    prompts' text (chain-of-thought reasoning included) is planned for all users at once, their token ids built
+    and scored ``chunk_users`` users at a time."""
     t0 = time.perf_counter()
     encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
+    generate = cot_generator(loaded, settings, model) if variant.cot else None
     frames, aucs, users, n = [], {}, set(), 0
     for split in splits:
         for protocol in settings.protocols:
-            prompts = eval_prompts(con, category, split, protocol, variant, encoder, items, settings,
-                                   generate=cot_generator(loaded, settings, model) if variant.cot else None)
-            scores = score_prompts(model, prompts, encoder, settings, loaded)
-            size = len(prompts[0].item_ids)
+            groups = eval_groups(con, category, split, protocol)
+            plan = plan_prompts(encoder, variant, groups, items, settings, generate)
+            scores = []
+            for start in range(0, len(groups), chunk_users):  # the token ids of one chunk's prompts at a time
+                prompts = encode_prompts(encoder, plan, start, start + chunk_users)
+                chunk = score_prompts(model, prompts, encoder, settings, loaded)
+                for up, s in zip(prompts, chunk):
+                    users.add(up.context.user_id)
+                    frames.append(pd.DataFrame({"user_id": up.context.user_id, "slot": np.arange(len(s)),
+                                                "item_id": up.item_ids, "score": s, "split": split,
+                                                "protocol": protocol}))
+                    n += len(s)
+                scores += chunk
             if split == "test":
-                aucs[protocol] = mean_auc(np.concatenate(scores), size)
-            for up, s in zip(prompts, scores):
-                users.add(up.context.user_id)
-                frames.append(pd.DataFrame({"user_id": up.context.user_id, "slot": np.arange(len(s)),
-                                            "item_id": up.item_ids, "score": s, "split": split,
-                                            "protocol": protocol}))
-                n += len(s)
-            log(f"{variant.name}: scored {split} {protocol}: {len(prompts)} users ({encoder.pixels.describe()})")
+                aucs[protocol] = mean_auc(np.concatenate(scores), len(groups[0][1]))
+            log(f"{variant.name}: scored {split} {protocol}: {len(groups)} users ({encoder.pixels.describe()})")
     frame = pd.concat(frames, ignore_index=True)
     frame.insert(0, "model", model_name)
     frame.insert(0, "category", category)
