@@ -641,8 +641,8 @@ class ScoredVariant:
 
 
 # Users whose prompts' token ids a scoring pass holds at a time. With LLaVA-NeXT a candidate's ids run to about
-# 2,900, and a chain-of-thought suffix is one a (user, candidate) pair: a split's 1+99 prompts all at once would be
-# tens of GB at the full Beauty 5-core's size.
+# 2,900, and a chain-of-thought suffix is one a (user, candidate) pair: the full Beauty 5-core's 1+99 test pairs
+# at once would hold about 50 GB of them (22,363 x 100 x 2,900 x 8 bytes).
 SCORE_CHUNK_USERS = 512
 
 
