@@ -131,6 +131,12 @@ def plan_prompts(encoder: PromptEncoder, variant: Variant, groups: Sequence[tupl
     return PromptPlan(variant, groups, views, users, reasons)
 
 
+# Users whose prompts' token ids scoring and sft_examples hold at a time. With LLaVA-NeXT a candidate's ids run to
+# about 2,900, and a chain-of-thought suffix is one a (user, candidate) pair: the full Beauty 5-core's 1+99 test
+# pairs at once would hold about 50 GB of them (22,363 x 100 x 2,900 x 8 bytes).
+PROMPT_CHUNK_USERS = 512
+
+
 def encode_prompts(encoder: PromptEncoder, plan: PromptPlan, start: int = 0,
                    stop: int | None = None) -> list[UserPrompts]:
     """Token ids for ``plan``'s groups ``start:stop``: each context's prefix fitted to its longest candidate.
@@ -237,29 +243,32 @@ def build_sft_examples(con: duckdb.DuckDBPyConnection, category: str, loaded, se
     for style in dict.fromkeys(v.style for v in trained):
         variant = Variant.parse("lora:" + style)
         encoder = PromptEncoder(loaded, max_length=settings.max_length, cot=variant.cot)
-        prompts = build_prompts(encoder, variant, groups, items, settings,
-                                cot_generator(loaded, settings) if variant.cot else None)
+        plan = plan_prompts(encoder, variant, groups, items, settings,
+                            cot_generator(loaded, settings) if variant.cot else None)
         version = style_prompt_versions(variant)
         shown = {p.item_id for p in planned}
         cut = sum(item_view(items[i], variant.modality, settings).cut for i in shown)
         stats.candidate_texts_cut[style] = f"{cut} of {len(shown)} items (max_item_chars {settings.max_item_chars})"
-        for up, (_, ps) in zip(prompts, by_ctx.values()):
-            stats.truncated_prompts += up.history_dropped > 0
-            stats.summary_cut += up.summary_cut
-            for p, suffix, img, reason, enc in zip(ps, up.suffix_texts, up.image_paths, up.reasoning, up.encoded):
-                answer = YES if p.label else NO
-                tokens = len(up.prefix_ids) + len(enc.ids) + len(encoder.answer_ids[answer])
-                records.append({
-                    "category": category, "style": style, "user_id": up.context.user_id,
-                    "target_seq_index": up.context.target_seq_index, "item_id": p.item_id, "label": p.label,
-                    "label_source": p.label_source, "answer": answer, "prefix_text": up.prefix_text,
-                    "suffix_text": suffix, "image_path": img, "reasoning": reason,
-                    "history_kept": up.history_kept, "history_dropped": up.history_dropped,
-                    "summary_cut": up.summary_cut, "prompt_tokens": tokens, "prompt_version": version,
-                    "model": loaded.settings.model, "model_fingerprint": loaded.fingerprint,
-                })
+        planned_by_ctx = list(by_ctx.values())
+        for start in range(0, len(groups), PROMPT_CHUNK_USERS):  # the token ids of a chunk of users at a time
+            chunk = slice(start, start + PROMPT_CHUNK_USERS)
+            for up, (_, ps) in zip(encode_prompts(encoder, plan, chunk.start, chunk.stop), planned_by_ctx[chunk]):
+                stats.truncated_prompts += up.history_dropped > 0
+                stats.summary_cut += up.summary_cut
+                for p, suffix, img, reason, enc in zip(ps, up.suffix_texts, up.image_paths, up.reasoning, up.encoded):
+                    answer = YES if p.label else NO
+                    tokens = len(up.prefix_ids) + len(enc.ids) + len(encoder.answer_ids[answer])
+                    records.append({
+                        "category": category, "style": style, "user_id": up.context.user_id,
+                        "target_seq_index": up.context.target_seq_index, "item_id": p.item_id, "label": p.label,
+                        "label_source": p.label_source, "answer": answer, "prefix_text": up.prefix_text,
+                        "suffix_text": suffix, "image_path": img, "reasoning": reason,
+                        "history_kept": up.history_kept, "history_dropped": up.history_dropped,
+                        "summary_cut": up.summary_cut, "prompt_tokens": tokens, "prompt_version": version,
+                        "model": loaded.settings.model, "model_fingerprint": loaded.fingerprint,
+                    })
         stats.styles.append(style)
-        log(f"sft_examples {category}: style {style}: {len(prompts)} prompts")
+        log(f"sft_examples {category}: style {style}: {len(groups)} prompts")
     frame = pd.DataFrame(records, columns=SFT_COLUMNS)
     stats.rows = write_table(con, "sft_examples", category, frame, SFT_CASTS)
     stats.version = sft_examples_version(con, category)
@@ -640,15 +649,9 @@ class ScoredVariant:
     auc: dict[str, float]         # protocol -> mean AUC (test), for the metadata
 
 
-# Users whose prompts' token ids a scoring pass holds at a time. With LLaVA-NeXT a candidate's ids run to about
-# 2,900, and a chain-of-thought suffix is one a (user, candidate) pair: the full Beauty 5-core's 1+99 test pairs
-# at once would hold about 50 GB of them (22,363 x 100 x 2,900 x 8 bytes).
-SCORE_CHUNK_USERS = 512
-
-
 def score_variant(con, category: str, variant: Variant, loaded, model, settings: RecommenderSettings, *,
                   model_name: str, items: dict[str, ItemInfo], splits: Sequence[str] = ("test",),
-                  chunk_users: int = SCORE_CHUNK_USERS, log: Log = print) -> tuple[pd.DataFrame, ScoredVariant]:
+                  chunk_users: int = PROMPT_CHUNK_USERS, log: Log = print) -> tuple[pd.DataFrame, ScoredVariant]:
     """Scores of every stored candidate of ``splits`` x ``settings.protocols``; ``items``: ``load_items``. The
     prompts' text (chain-of-thought reasoning included) is planned for all users at once, their token ids built
     and scored ``chunk_users`` users at a time."""
