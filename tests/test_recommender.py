@@ -832,6 +832,30 @@ def test_training_resumes_from_its_last_checkpoint(tiny_models, images, tmp_path
     assert other.resumed_from_epoch == 0 and other.epochs_run == 1
 
 
+def test_shared_prefix_training_gathers_the_prefix_with_a_backward_that_sums_in_a_fixed_order(llava, images):
+    """Each row's copy of its group's prefix keys and values comes from index_select, whose backward (index_add)
+    sums a group's rows in a fixed order. Advanced indexing's backward (index_put with accumulate) adds floats
+    atomically across CPU threads: the demo's fused+none adapter, trained 3 times on 2 threads that way, came out
+    with 2 different weight hashes; with index_select 4 times with one (the one torch.use_deterministic_algorithms
+    gives)."""
+    enc = PromptEncoder(llava, max_length=1024)
+    rows = []
+    for n_history in (2, 6):
+        fitted, encoded = _encode(enc, _user(n_history), _items(images)[::2])
+        rows += [make_row(fitted.ids, e, enc.answer_ids[YES if i % 2 else NO]) for i, e in enumerate(encoded)]
+    loss = answer_loss(llava.model, rows, llava.tokenizer.pad_token_id, llava.device, llava.dtype)
+    backward, stack, seen = [], [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            backward.append(type(fn).__name__)
+            stack += [f for f, _ in fn.next_functions]
+    layers = llava.model.config.text_config.num_hidden_layers
+    assert backward.count("IndexSelectBackward0") == 2 * layers  # keys and values of every layer
+    assert "IndexBackward0" not in backward and "IndexPutBackward0" not in backward
+
+
 def test_a_short_last_accumulation_window_weighs_like_a_full_one(tiny_models, images):
     """Gradient accumulation divides each loss by its own window's size: one batch with grad_accumulation 4 makes
     the same step as with 1 (a plain SGD step on the output head, clipping out of the way)."""

@@ -167,8 +167,11 @@ def shared_prefix_answer_logits(model, rows: Sequence[TrainRow], groups: Sequenc
           logits_to_keep=1, **{cache_name: prefix_cache},
           **{k: v.to(device) for k, v in token_type_inputs(model, pids).items()})
     rows_group = group_of.to(device)
-    cache = DynamicCache(ddp_cache_data=[(layer.keys[rows_group], layer.values[rows_group])
-                                         for layer in prefix_cache.layers])
+    # index_select, not ``keys[rows_group]``: its backward (index_add) sums a group's rows in a fixed order, where
+    # advanced indexing's (index_put with accumulate) adds floats atomically across CPU threads, and the same
+    # training gave other low bits from run to run.
+    cache = DynamicCache(ddp_cache_data=[(layer.keys.index_select(0, rows_group),
+                                          layer.values.index_select(0, rows_group)) for layer in prefix_cache.layers])
     suffixes = [[*r.suffix, *r.answer] for r in rows]
     sids, smask = pad_batch(suffixes, pad_id, left=False)
     last = smask.sum(-1) - 1
