@@ -79,7 +79,7 @@ def main() -> None:
         cases, _ = recommender_bench.build_cases(users, all_items, titles, enc, Path(tmp), args.seed)
     rows = [make_row(prefix, item, enc.answer_ids[YES if k == 0 else NO])
             for _, prefix, items, _ in cases for k, item in enumerate(items[:2])]
-    whole = [dataclasses.replace(r, prefix_len=0) for r in rows]
+    whole = [dataclasses.replace(r, prefix=(), suffix=[*r.prefix, *r.suffix]) for r in rows]
     tokens = sum(len(r.ids) for r in rows)
     shared_tokens = sum(len(r.ids) - r.prefix_len for r in rows) + sum(rows[g[0]].prefix_len
                                                                           for g in prefix_groups(rows))
