@@ -33,16 +33,15 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine_info import machine_info, torch_info  # bench/ is on sys.path when run as a script
+from child_runs import alternating_runs, write_results  # bench/ is on sys.path when run as a script
+from machine_info import machine_info, torch_info
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 from srec.paths import SHARED_DATA_DIR  # noqa: E402
 
@@ -212,17 +211,11 @@ def main() -> None:
         write_images(folder / "images", args.items)
         for path in (folder / "images").iterdir():  # into the page cache: no way pays the first read
             path.read_bytes()
-        runs = {w: [] for w in WAYS}
-        for r in range(args.repeats):
-            for w in (WAYS if r % 2 == 0 else WAYS[::-1]):
-                out = subprocess.run([sys.executable, __file__, "--child", w, "--folder", str(folder),
-                                      "--budget-mib", str(args.budget_mib)], check=True, capture_output=True,
-                                     text=True)
-                x = json.loads(out.stdout.strip().splitlines()[-1])
-                runs[w].append(x)
-                say(f"  {w} run {r + 1}: {x['tensor_mib']:,.0f} MiB of tensors; anonymous "
-                    f"+{x['anon_mib_after_read']:,.0f} MiB, file-backed +{x['file_mib_after_read']:,.0f} MiB after "
-                    f"reading; encode {x['encode_seconds']} s, read {x['read_seconds']} s")
+        runs = alternating_runs(
+            __file__, WAYS, args.repeats, ["--folder", str(folder), "--budget-mib", str(args.budget_mib)],
+            lambda x: (f"{x['tensor_mib']:,.0f} MiB of tensors; anonymous +{x['anon_mib_after_read']:,.0f} MiB, "
+                       f"file-backed +{x['file_mib_after_read']:,.0f} MiB after reading; encode "
+                       f"{x['encode_seconds']} s, read {x['read_seconds']} s"))
     # Per way: the memory figures of its first run (the same every run), the median of the times.
     figures = {}
     for w in WAYS:
@@ -253,10 +246,7 @@ def main() -> None:
     if not result["checksums_agree"]:
         raise SystemExit(f"the ways' tensors differ: checksums {sums}")
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "pixel_memory_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "pixel_memory_bench.md").write_text(md)
-        say(f"wrote {RESULTS / 'pixel_memory_bench.json'} and .md")
+        write_results("pixel_memory_bench", result, md)
 
 
 if __name__ == "__main__":

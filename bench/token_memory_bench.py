@@ -33,17 +33,16 @@ import datetime as dt
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine_info import machine_info, torch_info  # bench/ is on sys.path when run as a script
+from child_runs import alternating_runs, write_results  # bench/ is on sys.path when run as a script
+from machine_info import machine_info, torch_info
 from pixel_memory_bench import PINPOINTS, memory_mib, write_images
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 from srec.paths import SHARED_DATA_DIR  # noqa: E402
 
@@ -248,17 +247,12 @@ def main() -> None:
         folder = Path(tmp)
         (folder / "images").mkdir()
         write_images(folder / "images", 1)
-        runs = {w: [] for w in WAYS}
-        for r in range(args.repeats):
-            for w in (WAYS if r % 2 == 0 else WAYS[::-1]):
-                out = subprocess.run([sys.executable, __file__, "--child", w, "--folder", str(folder), "--users",
-                                      str(args.users), "--seed", str(args.seed)], check=True, capture_output=True,
-                                     text=True)
-                x = json.loads(out.stdout.strip().splitlines()[-1])
-                runs[w].append(x)
-                say(f"  {w} run {r + 1}: scoring +{x['scoring_anon_mib']:,.1f} MiB ({x['scoring_id_mib']:,.1f} MiB "
-                    f"of ids), training +{x['training_anon_mib']:,.1f} MiB ({x['training_id_mib']:,.1f} MiB of "
-                    f"ids); encode {x['encode_seconds']} s")
+        runs = alternating_runs(
+            __file__, WAYS, args.repeats,
+            ["--folder", str(folder), "--users", str(args.users), "--seed", str(args.seed)],
+            lambda x: (f"scoring +{x['scoring_anon_mib']:,.1f} MiB ({x['scoring_id_mib']:,.1f} MiB of ids), training "
+                       f"+{x['training_anon_mib']:,.1f} MiB ({x['training_id_mib']:,.1f} MiB of ids); encode "
+                       f"{x['encode_seconds']} s"))
     for w in WAYS:  # the first run's figures (the counted bytes are the same every run), the median time
         figures[w] = {**runs[w][0], "encode_seconds_by_run": [x["encode_seconds"] for x in runs[w]],
                       "encode_seconds": statistics.median(x["encode_seconds"] for x in runs[w]),
@@ -283,10 +277,7 @@ def main() -> None:
     if not result["checksums_agree"]:
         raise SystemExit(f"the ways' rows differ: checksums {b['checksum']} vs {s['checksum']}")
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "token_memory_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "token_memory_bench.md").write_text(md)
-        say(f"wrote {RESULTS / 'token_memory_bench.json'} and .md")
+        write_results("token_memory_bench", result, md)
 
 
 if __name__ == "__main__":

@@ -32,18 +32,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from machine_info import machine_info, torch_info  # bench/ is on sys.path when run as a script
+from child_runs import alternating_runs, write_results  # bench/ is on sys.path when run as a script
+from machine_info import machine_info, torch_info
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
 WAYS = ("fresh_per_variant", "shared_base")
@@ -211,16 +209,11 @@ def main() -> None:
         say(f"building a random-weight LLaVA, hidden {args.hidden}, {args.layers} layers, and two adapters ...")
         model = build(folder, args.hidden, args.layers)
         say(f"  {model['parameters']:,} parameters, {model['weights_bytes'] / 2**20:,.0f} MiB")
-        runs = {w: [] for w in WAYS}
-        for r in range(args.repeats):
-            for w in (WAYS if r % 2 == 0 else WAYS[::-1]):
-                out = subprocess.run([sys.executable, __file__, "--child", w, "--folder", str(folder),
-                                      "--users", str(args.users), "--candidates", str(args.candidates)],
-                                     check=True, capture_output=True, text=True, env={**os.environ})
-                res = json.loads(out.stdout.strip().splitlines()[-1])
-                runs[w].append(res)
-                say(f"  {w} run {r + 1}: {res['loads']} loads, {res['load_seconds']} s loading, "
-                    f"{res['wall_seconds']} s in all, peak {res['peak_rss_mib']:,.0f} MiB")
+        runs = alternating_runs(
+            __file__, WAYS, args.repeats,
+            ["--folder", str(folder), "--users", str(args.users), "--candidates", str(args.candidates)],
+            lambda x: (f"{x['loads']} loads, {x['load_seconds']} s loading, {x['wall_seconds']} s in all, peak "
+                       f"{x['peak_rss_mib']:,.0f} MiB"))
     scores = {w: np.array([np.concatenate(x["scores"]) for x in runs[w]]) for w in WAYS}
     max_diff = float(np.abs(scores["fresh_per_variant"][0] - scores["shared_base"][0]).max())
     repeats_equal = all(np.array_equal(scores[w][0], s) for w in WAYS for s in scores[w])
@@ -253,10 +246,7 @@ def main() -> None:
     if max_diff != 0.0:
         raise SystemExit(f"the two ways' scores differ by {max_diff:.3e}")
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "variant_base_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "variant_base_bench.md").write_text(md)
-        say(f"wrote {RESULTS / 'variant_base_bench.json'} and .md")
+        write_results("variant_base_bench", result, md)
 
 
 if __name__ == "__main__":
